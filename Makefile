@@ -1,0 +1,43 @@
+# tfwsgi: `make serve` serves the demo model, `make test` runs the whole suite (both from a fresh clone).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+MODELS := build/models
+PORT ?= 8501
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: all venv system-deps demo-model serve test lint unit clean
+
+all: test
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+# System packages the tests drive for real (curl today; memcached and nginx as they arrive).
+system-deps:
+	@if ! command -v curl >/dev/null; then \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq curl; fi
+
+$(MODELS)/half_plus_two/1/saved_model.pb: tfwsgi/demo.py | venv
+	$(PY) -m tfwsgi.demo $(MODELS)
+
+demo-model: $(MODELS)/half_plus_two/1/saved_model.pb
+
+serve: venv demo-model
+	TFWSGI_MODEL_NAME=half_plus_two TFWSGI_MODEL_BASE_PATH=$(MODELS)/half_plus_two \
+	TFWSGI_REST_API_PORT=$(PORT) $(VENV)/bin/gunicorn -c gunicorn_conf.py tfwsgi:app
+
+lint: venv
+	$(VENV)/bin/ruff check tfwsgi tests gunicorn_conf.py
+	$(VENV)/bin/mypy
+
+test: venv system-deps lint
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) build *.egg-info

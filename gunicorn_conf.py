@@ -1,0 +1,34 @@
+"""gunicorn settings for ``gunicorn -c gunicorn_conf.py tfwsgi:app``: values and one-line hooks.
+
+Command-line flags (``-b``, ``-w``, ``-k`` …) override these values. Model settings come from
+``TFWSGI_*`` environment variables (see the README).
+"""
+
+import os
+
+from tfwsgi import hooks, settings
+
+_settings = settings.from_env()
+
+bind = [f"0.0.0.0:{_settings.rest_api_port}"]
+workers = _settings.workers or os.cpu_count() or 1
+worker_class = "sync"
+preload_app = False  # the app (and TensorFlow) load in each worker, after fork
+timeout = 60  # per request; model loading keeps the worker alive with its own heartbeat
+graceful_timeout = 30
+keepalive = 5
+max_requests = 20000  # a backstop against slow leaks; jitter keeps workers from cycling together
+max_requests_jitter = 2000
+limit_request_line = 8190
+control_socket_disable = True  # gunicorn's default path is per user: two instances would collide
+accesslog = "-"
+errorlog = "-"
+loglevel = "info"
+
+
+def on_starting(server):
+    hooks.on_starting(server)
+
+
+def post_fork(server, worker):
+    hooks.post_fork(server, worker)

@@ -1,0 +1,137 @@
+"""TensorFlow Serving's REST API (``/v1/models/…``) as a Flask blueprint: parse, call the core, render."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from flask import Blueprint, Response, abort, current_app, request
+
+from . import codec
+from .errors import CODE_NAMES, InvalidArgument
+from .manager import ModelManager
+
+bp = Blueprint("tfserving_v1", __name__)
+
+# tensorflow_serving/model_servers/http_rest_api_util.cc, matched against the raw path.
+_PREDICT = re.compile(
+    r"/v1/models/([^/:]+)(?:(?:/versions/(\d+))|(?:/labels/([^/:]+)))?:(classify|regress|predict)",
+    re.IGNORECASE)
+_STATUS = re.compile(
+    r"/v1/models(?:/([^/:]+))?(?:(?:/versions/(\d+))|(?:/labels/([^/:]+)))?(?:/(metadata))?",
+    re.IGNORECASE)
+_V1 = re.compile(r"/v1/", re.IGNORECASE)
+_INT64_MAX = 2**63 - 1
+METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+
+
+def manager() -> ModelManager:
+    return current_app.extensions["tfwsgi"].manager
+
+
+def json_response(body: bytes, status: int = 200) -> Response:
+    return Response(body, status=status, mimetype="application/json")
+
+
+def _raw_path() -> str:
+    """The path as the client sent it (before percent-decoding), without the query."""
+    raw = request.environ.get("RAW_URI") or request.environ.get("REQUEST_URI")
+    if not raw:
+        return request.path
+    if not raw.startswith("/"):
+        raw = urlsplit(raw).path or "/"
+    return raw.split("?", 1)[0]
+
+
+def _model_spec(match: re.Match[str]) -> tuple[str, int | None, str | None]:
+    name, version_text, label = match.group(1), match.group(2), match.group(3)
+    version = None
+    if version_text:
+        version = int(version_text)
+        if version > _INT64_MAX:
+            raise InvalidArgument(f"Failed to convert version: {version_text} to numeric.")
+    return unquote(name or ""), version, unquote(label) if label else None
+
+
+@bp.route("/<path:_path>", methods=METHODS)
+def dispatch(_path: str) -> Any:
+    """Route ``/v1/…`` the way TF Serving does; other paths are plain HTML 404s, as there."""
+    path = _raw_path()
+    if not _V1.match(path):
+        abort(404)
+    method = request.method
+    if method == "OPTIONS" and current_app.extensions["tfwsgi"].settings.rest_api_enable_cors_support:
+        return Response(status=204)
+    if method == "POST":
+        m = _PREDICT.fullmatch(path)
+        if m:
+            name, version, label = _model_spec(m)
+            return _METHODS[m.group(4).lower()](name, version, label)
+    elif method in ("GET", "HEAD"):
+        m = _STATUS.fullmatch(path)
+        if m:
+            name, version, label = _model_spec(m)
+            if not name:
+                raise InvalidArgument("Missing model name in request.")
+            if m.group(4):
+                return metadata(name, version, label)
+            return status(name, version, label)
+    raise InvalidArgument(f"Malformed request: {method} {path}")
+
+
+def _body() -> dict[str, Any]:
+    return codec.parse_json(request.get_data(cache=False))
+
+
+def predict(name: str, version: int | None, label: str | None) -> Response:
+    doc = _body()
+    signature_name = codec.signature_name(doc)
+    sig = manager().servable(name, version, label).signature(signature_name)
+    inputs, fmt = codec.decode_predict(doc, sig.inputs)
+    return json_response(codec.encode_predict(sig.run(inputs), fmt))
+
+
+def _examples() -> tuple[str, Any]:
+    """The signature name and the serialized tf.Examples of a classify/regress body."""
+    from .servable import serialize_examples  # TensorFlow: only ever reached in a worker
+
+    doc = _body()
+    signature_name = codec.signature_name(doc)
+    context, examples = codec.decode_examples(doc)
+    return signature_name, serialize_examples(context, examples)
+
+
+def classify(name: str, version: int | None, label: str | None) -> Response:
+    signature_name, examples = _examples()
+    classes, scores = manager().servable(name, version, label).classify(signature_name, examples)
+    return json_response(codec.encode_classify(classes, scores, len(examples)))
+
+
+def regress(name: str, version: int | None, label: str | None) -> Response:
+    signature_name, examples = _examples()
+    values = manager().servable(name, version, label).regress(signature_name, examples)
+    return json_response(codec.encode_regress(values))
+
+
+_METHODS = {"predict": predict, "classify": classify, "regress": regress}
+
+
+def status(name: str, version: int | None, label: str | None) -> Response:
+    # TF Serving's GetModelStatus looks only at the version: with a label it lists every version.
+    states = manager().status(name, version)
+    body = {"model_version_status": [
+        {"version": str(s.version), "state": s.state,
+         "status": {"error_code": CODE_NAMES.get(s.error_code, "UNKNOWN"), "error_message": s.error_message}}
+        for s in states]}
+    return json_response(codec.dumps(body))
+
+
+def metadata(name: str, version: int | None, label: str | None) -> Response:
+    servable = manager().servable(name, version, label)
+    body = {
+        "model_spec": {"name": servable.name, "signature_name": "",
+                       "version": str(servable.version)},
+        "metadata": {"signature_def": servable.signature_def_map},
+    }
+    return json_response(codec.dumps(body))

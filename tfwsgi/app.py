@@ -1,0 +1,93 @@
+"""``create_app()``: the Flask application of one worker, with its state in ``app.extensions``."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from flask import Flask, Response, request
+from werkzeug.exceptions import RequestEntityTooLarge
+
+from . import codec
+from .errors import TFWSGIError
+from .manager import ModelManager
+from .settings import Settings, from_env
+from .source import model_configs
+
+log = logging.getLogger("tfwsgi")
+
+# How much of an oversize body is read and dropped before answering 413, so that the client
+# reads the answer instead of a connection reset.
+_DRAIN_LIMIT = 256 * 1024 * 1024
+
+
+@dataclass
+class WorkerState:
+    settings: Settings
+    manager: ModelManager
+
+
+def create_app(manager: ModelManager | None = None, settings: Settings | None = None) -> Flask:
+    """Build the app around this worker's manager (loaded by the post_fork hook, or here)."""
+    settings = settings or from_env()
+    if manager is None:
+        from . import hooks
+
+        manager = hooks.worker_manager()
+    if manager is None:  # not under gunicorn_conf.py: load in this process now
+        manager = ModelManager(model_configs(settings))
+        manager.load_all()
+
+    app = Flask("tfwsgi")
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
+    app.url_map.merge_slashes = False
+    app.extensions["tfwsgi"] = WorkerState(settings, manager)
+
+    from .api import bp
+
+    app.register_blueprint(bp)
+    app.register_error_handler(TFWSGIError, _tfwsgi_error)
+    app.register_error_handler(RequestEntityTooLarge, _too_large)
+    app.register_error_handler(Exception, _unexpected)
+    if settings.rest_api_enable_cors_support:
+        app.after_request(_cors)
+    return app
+
+
+def _error(message: str, status: int) -> Response:
+    return Response(codec.encode_error(message), status=status, mimetype="application/json")
+
+
+def _tfwsgi_error(exc: TFWSGIError) -> Response:
+    return _error(exc.message, exc.status)
+
+
+def _too_large(exc: RequestEntityTooLarge) -> Response:
+    limit = request.max_content_length
+    stream = request.environ.get("wsgi.input")
+    left = min(request.content_length or _DRAIN_LIMIT, _DRAIN_LIMIT)
+    try:
+        while stream is not None and left > 0:
+            chunk = stream.read(min(left, 1 << 20))
+            if not chunk:
+                break
+            left -= len(chunk)
+    except Exception:  # the client went away: nothing to drain
+        pass
+    return _error(f"Request body is larger than the limit of {limit} bytes", 413)
+
+
+def _unexpected(exc: Exception) -> Response:
+    from werkzeug.exceptions import HTTPException
+
+    if isinstance(exc, HTTPException):
+        return exc  # type: ignore[return-value]
+    log.exception("tfwsgi: unexpected error on %s %s", request.method, request.path)
+    return _error(f"Internal error: {type(exc).__name__}: {exc}", 500)
+
+
+def _cors(response: Response) -> Response:
+    response.headers["Access-Control-Allow-Origin"] = "*"
+    response.headers["Access-Control-Allow-Methods"] = "POST, GET"
+    response.headers["Access-Control-Allow-Headers"] = "Content-Type"
+    return response

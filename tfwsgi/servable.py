@@ -1,0 +1,244 @@
+"""One loaded SavedModel version: its signatures and how to run them. The only TensorFlow code.
+
+Import this module only in a worker, after fork: it imports TensorFlow.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+from google.protobuf import json_format, text_format
+from tensorflow.core.example import example_pb2, feature_pb2
+from tensorflow.core.protobuf import saved_model_pb2
+from tensorflow_serving.apis import get_model_metadata_pb2
+
+from .errors import FailedPrecondition, InvalidArgument, TFWSGIError
+
+DEFAULT_SIGNATURE = "serving_default"
+CLASSIFY_INPUTS = "inputs"
+CLASSIFY_CLASSES = "classes"
+CLASSIFY_SCORES = "scores"
+REGRESS_OUTPUTS = "outputs"
+
+_threads_configured = threading.Lock()
+_configured: tuple[int, int] | None = None
+
+
+def configure_threads(intra_op: int, inter_op: int) -> None:
+    """Set TF's thread pools; must run before TensorFlow executes anything in this process."""
+    global _configured
+    with _threads_configured:
+        if _configured == (intra_op, inter_op):
+            return
+        tf.config.threading.set_intra_op_parallelism_threads(intra_op)
+        tf.config.threading.set_inter_op_parallelism_threads(inter_op)
+        _configured = (intra_op, inter_op)
+
+
+def _numpy_dtype(tf_dtype: Any) -> np.dtype:
+    dt = tf.dtypes.as_dtype(tf_dtype)
+    if dt == tf.string:
+        return np.dtype(object)
+    return np.dtype(dt.as_numpy_dtype)
+
+
+@dataclass
+class Signature:
+    """A signature's name, method, typed inputs and outputs, and the function that runs it."""
+
+    name: str
+    method_name: str
+    inputs: dict[str, np.dtype]
+    input_shapes: dict[str, Any]  # tf.TensorShape
+    outputs: dict[str, np.dtype]
+    fn: Any
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run on decoded inputs (already of the signature's dtypes); TF errors keep their code."""
+        missing = sorted(set(self.inputs) - set(inputs))
+        extra = sorted(set(inputs) - set(self.inputs))
+        if missing or extra:
+            raise InvalidArgument(
+                f"input size does not match signature: {len(inputs)}!={len(self.inputs)} "
+                f"for inputs: {{{','.join(sorted(inputs))}}} vs signature "
+                f"{{{','.join(sorted(self.inputs))}}}")
+        feeds = {}
+        for key, arr in inputs.items():
+            shape = self.input_shapes[key]
+            if not shape.is_compatible_with(arr.shape):
+                raise InvalidArgument(
+                    f"Input '{key}' has shape {_shape(arr.shape)}, which does not match the "
+                    f"signature's shape {_shape(shape)}")
+            feeds[key] = tf.constant(arr, dtype=tf.string if arr.dtype.kind == "O" else None)
+        try:
+            result = self.fn(**feeds)
+        except tf.errors.OpError as exc:
+            raise TFWSGIError(exc.message, exc.error_code) from None
+        except (TypeError, ValueError) as exc:
+            raise InvalidArgument(str(exc)) from None
+        if not isinstance(result, Mapping):
+            result = {"output_0": result}
+        return {k: v.numpy() for k, v in result.items()}
+
+
+def _shape(shape: Any) -> str:
+    dims = tf.TensorShape(shape).as_list() if shape is not None else None
+    if dims is None:
+        return "[?]"
+    return "[" + ",".join("-1" if d is None else str(d) for d in dims) + "]"
+
+
+def _read_meta_graph(path: str) -> Any:
+    """The SavedModel's MetaGraphDef tagged ``serve`` (as TF Serving loads it)."""
+    sm = saved_model_pb2.SavedModel()
+    pb = os.path.join(path, "saved_model.pb")
+    pbtxt = os.path.join(path, "saved_model.pbtxt")
+    if os.path.exists(pb):
+        with open(pb, "rb") as f:
+            sm.ParseFromString(f.read())
+    elif os.path.exists(pbtxt):
+        with open(pbtxt, encoding="utf-8") as f:
+            text_format.Parse(f.read(), sm)
+    else:
+        raise TFWSGIError(f"SavedModel file does not exist at: {path}", 5)
+    for mg in sm.meta_graphs:
+        if "serve" in mg.meta_info_def.tags:
+            return mg
+    raise TFWSGIError(f"Could not find meta graph def matching supplied tags: {{ serve }} in {path}", 5)
+
+
+class Servable:
+    """A loaded SavedModel version."""
+
+    def __init__(self, name: str, version: int, path: str) -> None:
+        self.name = name
+        self.version = version
+        self.path = path
+        meta_graph = _read_meta_graph(path)
+        sig_map = get_model_metadata_pb2.SignatureDefMap()
+        for key, sig in meta_graph.signature_def.items():
+            sig_map.signature_def[key].CopyFrom(sig)
+        self.signature_def_map: dict[str, Any] = json_format.MessageToDict(
+            sig_map, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+        try:
+            self._model = tf.saved_model.load(path, tags=["serve"])
+        except tf.errors.OpError as exc:
+            raise TFWSGIError(exc.message, exc.error_code) from None
+        self.signatures: dict[str, Signature] = {}
+        for key, fn in self._model.signatures.items():
+            sig_def = meta_graph.signature_def[key]
+            _, kwargs = fn.structured_input_signature
+            self.signatures[key] = Signature(
+                name=key,
+                method_name=sig_def.method_name,
+                inputs={k: _numpy_dtype(info.dtype) for k, info in sig_def.inputs.items()},
+                input_shapes={k: kwargs[k].shape if k in kwargs else tf.TensorShape(None)
+                              for k in sig_def.inputs},
+                outputs={k: _numpy_dtype(info.dtype) for k, info in sig_def.outputs.items()},
+                fn=fn,
+            )
+
+    def signature(self, name: str) -> Signature:
+        """A signature by name ("" is ``serving_default``)."""
+        key = name or DEFAULT_SIGNATURE
+        sig = self.signatures.get(key)
+        if sig is None:
+            raise InvalidArgument(f'Serving signature name: "{key}" not found in signature def')
+        return sig
+
+    def classify(self, name: str, examples: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """Run a classification signature on serialized tf.Examples: (classes, scores)."""
+        sig = self._example_signature(name)
+        if len(sig.outputs) not in (1, 2):
+            raise InvalidArgument(f"Expected one or two output Tensors, found {len(sig.outputs)}")
+        if CLASSIFY_CLASSES not in sig.outputs and CLASSIFY_SCORES not in sig.outputs:
+            raise InvalidArgument(
+                'Expected classification signature outputs to contain at least one of "classes" '
+                f'or "scores". Signature was: {sig.name}')
+        out = sig.run({CLASSIFY_INPUTS: examples})
+        n = len(examples)
+        classes, scores = out.get(CLASSIFY_CLASSES), out.get(CLASSIFY_SCORES)
+        for label, t, kind in (("classes", classes, "O"), ("scores", scores, "f")):
+            if t is None:
+                continue
+            if t.ndim != 2:
+                raise InvalidArgument(
+                    f"Expected Tensor shape: [batch_size num_classes] but got {_shape(t.shape)}")
+            if t.dtype.kind != kind:
+                want = "DT_STRING" if kind == "O" else "DT_FLOAT"
+                raise InvalidArgument(f"Expected {label} Tensor of {want}. Got: {t.dtype}")
+            if t.shape[0] != n:
+                raise InvalidArgument(
+                    f"Expected {label} output batch size of {n}. Got: {t.shape[0]}")
+        if classes is not None and scores is not None and classes.shape[1] != scores.shape[1]:
+            raise InvalidArgument(
+                "Tensors class and score should match in dim_size(1). "
+                f"Got {classes.shape[1]} vs. {scores.shape[1]}")
+        return classes, scores
+
+    def regress(self, name: str, examples: np.ndarray) -> np.ndarray:
+        """Run a regression signature on serialized tf.Examples: one float per example."""
+        sig = self._example_signature(name)
+        if len(sig.outputs) != 1:
+            raise InvalidArgument("Expected one output Tensor.")
+        if REGRESS_OUTPUTS not in sig.outputs:
+            raise FailedPrecondition(f"No regression outputs found in SignatureDef: {sig.name}")
+        t = sig.run({CLASSIFY_INPUTS: examples})[REGRESS_OUTPUTS]
+        n = len(examples)
+        if not (t.ndim == 1 or (t.ndim == 2 and t.shape[1] == 1)):
+            raise InvalidArgument(
+                "Expected output Tensor shape to be either [batch_size] or [batch_size, 1] "
+                f"but got {_shape(t.shape)}")
+        if t.shape[0] != n:
+            raise InvalidArgument(
+                f"Input batch size did not match output batch size: {n} vs. {t.shape[0]}")
+        if t.dtype != np.float32:
+            raise InvalidArgument(f"Expected output Tensor of DT_FLOAT.  Got: {t.dtype}")
+        return t.reshape(n)
+
+    def _example_signature(self, name: str) -> Signature:
+        key = name or DEFAULT_SIGNATURE
+        sig = self.signatures.get(key)
+        if sig is None:
+            raise InvalidArgument(f"No signature was found with the name: {key}")
+        if len(sig.inputs) != 1:
+            raise InvalidArgument("Expected one input Tensor.")
+        if CLASSIFY_INPUTS not in sig.inputs or sig.inputs[CLASSIFY_INPUTS].kind != "O":
+            raise InvalidArgument(
+                f"No classification inputs found in SignatureDef: {key} "
+                "(expected one DT_STRING input named 'inputs')")
+        return sig
+
+
+def _feature(kind: str, values: list[Any]) -> Any:
+    f = feature_pb2.Feature()
+    if kind == "bytes":
+        f.bytes_list.value.extend(values)
+    elif kind == "float":
+        f.float_list.value.extend(values)
+    elif kind == "int64":
+        f.int64_list.value.extend(values)
+    return f
+
+
+def _example(features: Mapping[str, tuple[str, list[Any]]]) -> bytes:
+    ex = example_pb2.Example()
+    for name, (kind, values) in features.items():
+        ex.features.feature[name].CopyFrom(_feature(kind, values))
+    return ex.SerializeToString()
+
+
+def serialize_examples(context: Mapping[str, tuple[str, list[Any]]] | None,
+                       examples: Sequence[Mapping[str, tuple[str, list[Any]]]]) -> np.ndarray:
+    """Serialized tf.Examples; with a context, context bytes + example bytes as TF Serving does
+    (protobuf merges the two, so an example's feature overrides the context's)."""
+    prefix = _example(context) if context is not None else b""
+    out = np.empty(len(examples), dtype=object)
+    out[:] = [prefix + _example(e) for e in examples]
+    return out

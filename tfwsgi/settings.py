@@ -1,0 +1,142 @@
+"""Every tfwsgi setting, declared once: name, type, default, environment variable and doc.
+
+Names follow TensorFlow Serving's flags; each is read from ``TFWSGI_<FLAG IN UPPER CASE>``.
+``python -m tfwsgi.settings`` prints the Markdown table that the README carries.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+
+ENV_PREFIX = "TFWSGI_"
+
+
+def _parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected true/false, got {text!r}")
+
+
+def _non_negative(value: Any) -> None:
+    if value < 0:
+        raise ValueError(f"must be >= 0, got {value}")
+
+
+def _port(value: Any) -> None:
+    if not 0 < value < 65536:
+        raise ValueError(f"must be a TCP port (1-65535), got {value}")
+
+
+def _positive(value: Any) -> None:
+    if value <= 0:
+        raise ValueError(f"must be > 0, got {value}")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting: its TF Serving flag name, type, default, optional validator and doc."""
+
+    name: str
+    type: type
+    default: Any
+    doc: str
+    validate: Callable[[Any], None] | None = field(default=None, compare=False)
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+    def parse(self, text: str) -> Any:
+        """Parse the environment's text into this setting's type, or raise ConfigError."""
+        try:
+            value = _parse_bool(text) if self.type is bool else self.type(text.strip())
+            if self.validate is not None:
+                self.validate(value)
+        except ValueError as exc:
+            raise ConfigError(f"{self.env}={text!r}: {exc}") from None
+        return value
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("model_name", str, "default",
+            "Name of the model served from `model_base_path` (ignored with `model_config_file`)."),
+    Setting("model_base_path", str, "",
+            "Directory holding the model's numeric version subdirectories "
+            "(`<base>/<version>/saved_model.pb`)."),
+    Setting("model_config_file", str, "",
+            "TF Serving `ModelServerConfig` text proto (`model_config_list { config { … } }`); "
+            "overrides `model_name`/`model_base_path`."),
+    Setting("tensorflow_intra_op_parallelism", int, 0,
+            "Threads one op may use in each worker. 0 fits it to the machine: "
+            "cores ÷ workers, at least 1 (TF's own 0 would give every worker every core).",
+            _non_negative),
+    Setting("tensorflow_inter_op_parallelism", int, 0,
+            "Ops run in parallel in each worker. 0 fits it to the machine: 1.", _non_negative),
+    Setting("rest_api_port", int, 8501,
+            "Port of the REST API when gunicorn's `-b/--bind` is not given "
+            "(binds 0.0.0.0).", _port),
+    Setting("rest_api_enable_cors_support", bool, False,
+            "Answer CORS preflight requests and add `Access-Control-Allow-Origin: *`."),
+    Setting("workers", int, 0,
+            "gunicorn worker processes when `-w` is not given; 0 means one per core.",
+            _non_negative),
+    Setting("max_request_bytes", int, 64 * 1024 * 1024,
+            "Largest accepted request body; larger bodies get 413 with a JSON error.", _positive),
+)
+
+_BY_NAME = {s.name: s for s in SETTINGS}
+
+
+class Settings:
+    """The values in force, one attribute per setting."""
+
+    def __init__(self, values: Mapping[str, Any]) -> None:
+        for s in SETTINGS:
+            setattr(self, s.name, values.get(s.name, s.default))
+
+    def __getattr__(self, name: str) -> Any:  # only reached for unknown names
+        raise AttributeError(f"no setting named {name!r}")
+
+    def __repr__(self) -> str:
+        body = ", ".join(f"{s.name}={getattr(self, s.name)!r}" for s in SETTINGS)
+        return f"Settings({body})"
+
+    def replace(self, **changes: Any) -> Settings:
+        values = {s.name: getattr(self, s.name) for s in SETTINGS}
+        for name in changes:
+            if name not in _BY_NAME:
+                raise ConfigError(f"unknown setting {name!r}")
+        values.update(changes)
+        return Settings(values)
+
+
+def from_env(environ: Mapping[str, str] | None = None) -> Settings:
+    """Read every setting from ``TFWSGI_*`` variables, falling back to the defaults."""
+    env = os.environ if environ is None else environ
+    values = {s.name: s.parse(env[s.env]) for s in SETTINGS if s.env in env}
+    return Settings(values)
+
+
+def markdown_table() -> str:
+    """The README's settings table, generated from the declarations above."""
+    lines = ["| environment variable | type | default | meaning |", "|---|---|---|---|"]
+    for s in SETTINGS:
+        if s.type is str:
+            default = repr(s.default)
+        else:
+            default = str(s.default).lower() if s.type is bool else str(s.default)
+        lines.append(f"| `{s.env}` | {s.type.__name__} | `{default}` | {s.doc} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.stdout.write(markdown_table() + "\n")

@@ -265,10 +265,9 @@ def _stack_instances(values: list[Any], dtype: np.dtype, key: str | None) -> np.
                 f"Error: {_status_text(exc)}") from None
         parts.append(t)
     if dtype.kind == "O":
-        out = np.empty((len(parts), *parts[0].shape), dtype=object)
-        for i, p in enumerate(parts):
-            out[i] = p
-        return out
+        out = np.empty(len(parts) * parts[0].size, dtype=object)
+        out[:] = [x for p in parts for x in p.reshape(-1)]
+        return out.reshape((len(parts), *parts[0].shape))
     return np.stack(parts)
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 from google.protobuf import json_format, text_format
+from google.protobuf.message import DecodeError
 from tensorflow.core.example import example_pb2, feature_pb2
 from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow_serving.apis import get_model_metadata_pb2
@@ -101,7 +102,11 @@ def _read_meta_graph(path: str) -> Any:
     pbtxt = os.path.join(path, "saved_model.pbtxt")
     if os.path.exists(pb):
         with open(pb, "rb") as f:
-            sm.ParseFromString(f.read())
+            data = f.read()
+        try:
+            sm.ParseFromString(data)
+        except DecodeError:
+            raise TFWSGIError(f"Can't parse {pb} as binary proto", 15) from None
     elif os.path.exists(pbtxt):
         with open(pbtxt, encoding="utf-8") as f:
             text_format.Parse(f.read(), sm)

@@ -1,0 +1,135 @@
+"""Fixtures: test models built once per session, and real gunicorn servers on free loopback ports."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+GUNICORN = str(VENV_BIN / "gunicorn")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    """A real ``gunicorn -c gunicorn_conf.py tfwsgi:app`` in its own process group."""
+
+    def __init__(self, env: dict[str, str], workers: int = 2, log_path: Path | None = None,
+                 extra_args: tuple[str, ...] = ()) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.workers = workers
+        self.log_path = log_path or Path(os.environ.get("TMPDIR", "/tmp")) / f"tfwsgi-{self.port}.log"
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("TFWSGI_")}
+        full_env.update(env)
+        full_env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [GUNICORN, "-c", "gunicorn_conf.py", "-w", str(workers), "-b", f"127.0.0.1:{self.port}",
+             *extra_args, "tfwsgi:app"],
+            cwd=ROOT, env=full_env, stdout=self._log, stderr=subprocess.STDOUT,
+            start_new_session=True)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def worker_pids(self) -> set[int]:
+        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(self.pid)],
+                             capture_output=True, text=True).stdout
+        return {int(p) for p in out.split()}
+
+    def ready_pids(self) -> list[int]:
+        return [int(p) for p in re.findall(r"tfwsgi: worker (\d+) ready", self.log())]
+
+    def wait_ready(self, timeout: float = 120.0, count: int | None = None) -> None:
+        """Wait until ``count`` workers (default: all) have loaded their models."""
+        want = self.workers if count is None else count
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gunicorn exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
+            if len(set(self.ready_pids()) & self.worker_pids()) >= want:
+                return
+            time.sleep(0.2)
+        raise TimeoutError(f"gunicorn not ready in {timeout}s:\n{self.log()[-4000:]}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.pid, signal.SIGTERM)
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+            except ProcessLookupError:
+                pass
+        self._log.close()
+
+    def get(self, path: str, **kw: object) -> requests.Response:
+        return requests.get(self.url + path, timeout=30, **kw)  # type: ignore[arg-type]
+
+    def post(self, path: str, data: object = None, **kw: object) -> requests.Response:
+        return requests.post(self.url + path, data=data, timeout=30, **kw)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def model_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """All test models, built once: see tests/models.py."""
+    root = tmp_path_factory.mktemp("models")
+    subprocess.run([sys.executable, str(ROOT / "tests" / "models.py"), str(root)], check=True,
+                   env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return root
+
+
+@pytest.fixture(scope="session")
+def model_config(model_root: Path) -> Path:
+    return model_root / "models.config"
+
+
+@pytest.fixture(scope="session")
+def server(model_config: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One 2-worker server over every test model, shared by the read-only tests."""
+    log = tmp_path_factory.mktemp("logs") / "shared-server.log"
+    srv = Server({"TFWSGI_MODEL_CONFIG_FILE": str(model_config),
+                  "TFWSGI_MAX_REQUEST_BYTES": str(4 * 1024 * 1024)}, log_path=log)
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture
+def start_server(tmp_path: Path) -> Iterator[object]:
+    """Start servers of one's own (for tests that kill or reconfigure them)."""
+    started: list[Server] = []
+
+    def start(env: dict[str, str], workers: int = 2, extra_args: tuple[str, ...] = ()) -> Server:
+        srv = Server(env, workers=workers, log_path=tmp_path / f"gunicorn-{len(started)}.log",
+                     extra_args=extra_args)
+        started.append(srv)
+        return srv
+
+    yield start
+    for srv in started:
+        srv.stop()

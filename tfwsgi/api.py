@@ -7,6 +7,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from flask import Blueprint, Response, abort, current_app, request
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from . import codec
 from .errors import CODE_NAMES, InvalidArgument
@@ -81,7 +82,11 @@ def dispatch(_path: str) -> Any:
 
 
 def _body() -> dict[str, Any]:
-    return codec.parse_json(request.get_data(cache=False))
+    # MAX_CONTENT_LENGTH is the limit + 1: werkzeug silently truncates a chunked body at it.
+    data = request.get_data(cache=False)
+    if len(data) >= (request.max_content_length or len(data) + 1):
+        raise RequestEntityTooLarge()
+    return codec.parse_json(data)
 
 
 def predict(name: str, version: int | None, label: str | None) -> Response:

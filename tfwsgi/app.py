@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from flask import Flask, Response, request
+from flask import Flask, Response, current_app, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from . import codec
@@ -39,7 +39,7 @@ def create_app(manager: ModelManager | None = None, settings: Settings | None = 
         manager.load_all()
 
     app = Flask("tfwsgi")
-    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes + 1  # see api._body
     app.url_map.merge_slashes = False
     app.extensions["tfwsgi"] = WorkerState(settings, manager)
 
@@ -63,7 +63,7 @@ def _tfwsgi_error(exc: TFWSGIError) -> Response:
 
 
 def _too_large(exc: RequestEntityTooLarge) -> Response:
-    limit = request.max_content_length
+    limit = current_app.extensions["tfwsgi"].settings.max_request_bytes
     stream = request.environ.get("wsgi.input")
     left = min(request.content_length or _DRAIN_LIMIT, _DRAIN_LIMIT)
     try:

@@ -38,12 +38,12 @@ class Server:
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("TFWSGI_")}
         full_env.update(env)
         full_env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(
-            [GUNICORN, "-c", "gunicorn_conf.py", "-w", str(workers), "-b", f"127.0.0.1:{self.port}",
-             *extra_args, "tfwsgi:app"],
-            cwd=ROOT, env=full_env, stdout=self._log, stderr=subprocess.STDOUT,
-            start_new_session=True)
+        with open(self.log_path, "wb") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(
+                [GUNICORN, "-c", "gunicorn_conf.py", "-w", str(workers), "-b", f"127.0.0.1:{self.port}",
+                 *extra_args, "tfwsgi:app"],
+                cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True)
 
     @property
     def pid(self) -> int:
@@ -82,7 +82,6 @@ class Server:
                 self.proc.wait(timeout=10)
             except ProcessLookupError:
                 pass
-        self._log.close()
 
     def get(self, path: str, **kw: object) -> requests.Response:
         return requests.get(self.url + path, timeout=30, **kw)  # type: ignore[arg-type]

@@ -12,7 +12,7 @@ import pytest
 pytestmark = pytest.mark.e2e
 
 
-def ok(resp):  # noqa: ANN001, ANN201
+def ok(resp):
     assert resp.status_code == 200, resp.text
     assert resp.headers["Content-Type"] == "application/json"
     return resp.json()

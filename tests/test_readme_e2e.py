@@ -1,0 +1,79 @@
+"""The README's commands, run as written: `make serve`, then every curl example with its answer."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import time
+
+import pytest
+import requests
+
+from conftest import ROOT, free_port
+
+pytestmark = pytest.mark.e2e
+
+
+def readme_examples() -> list[tuple[str, str]]:
+    """(command, expected output) for each `$ curl …` line in the README's console blocks."""
+    text = (ROOT / "README.md").read_text()
+    examples = []
+    for block in re.findall(r"```console\n(.*?)```", text, re.S):
+        lines = block.splitlines()
+        for i, line in enumerate(lines):
+            if line.startswith("$ "):
+                out = []
+                for nxt in lines[i + 1:]:
+                    if nxt.startswith("$ "):
+                        break
+                    out.append(nxt)
+                examples.append((line[2:], "\n".join(out)))
+    return examples
+
+
+def test_readme_has_curl_examples():
+    cmds = [c for c, _ in readme_examples()]
+    assert len(cmds) >= 6 and all(c.startswith("curl ") for c in cmds)
+    assert any(":predict" in c for c in cmds) and any(":regress" in c for c in cmds)
+
+
+@pytest.fixture(scope="module")
+def make_serve(tmp_path_factory):
+    """`make serve` exactly as the README says, on a free port."""
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("make-serve") / "make-serve.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TFWSGI_")}
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(["make", "serve", f"PORT={port}"], cwd=ROOT, env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        workers = os.cpu_count() or 1
+        deadline = time.monotonic() + 300
+        while True:
+            text = log_path.read_text(errors="replace")
+            if len(re.findall(r"tfwsgi: worker \d+ ready", text)) >= workers:
+                break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"make serve did not come up:\n{text[-4000:]}")
+            time.sleep(0.3)
+        assert requests.get(f"http://127.0.0.1:{port}/v1/models/half_plus_two", timeout=10).ok
+        yield port
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize(("command", "expected"), readme_examples(), ids=lambda v: v[:60])
+def test_readme_curl_example(make_serve, command, expected):
+    argv = [a.replace("localhost:8501", f"127.0.0.1:{make_serve}") for a in shlex.split(command)]
+    assert argv[0] == "curl"
+    out = subprocess.run(["curl", "-sS", *argv[1:]], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == json.loads(expected)

@@ -1,0 +1,61 @@
+"""Settings are declared once; the README's table is generated from them."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import ROOT
+from tfwsgi import settings
+from tfwsgi.errors import ConfigError
+
+
+def test_defaults():
+    s = settings.from_env({})
+    assert s.model_name == "default"
+    assert s.rest_api_port == 8501
+    assert s.tensorflow_intra_op_parallelism == 0
+    assert s.rest_api_enable_cors_support is False
+
+
+def test_env_vars_follow_tf_serving_flags():
+    env = {
+        "TFWSGI_MODEL_NAME": "half_plus_two",
+        "TFWSGI_MODEL_BASE_PATH": "/models/hp",
+        "TFWSGI_MODEL_CONFIG_FILE": "/etc/models.config",
+        "TFWSGI_TENSORFLOW_INTRA_OP_PARALLELISM": "3",
+        "TFWSGI_TENSORFLOW_INTER_OP_PARALLELISM": "2",
+        "TFWSGI_REST_API_ENABLE_CORS_SUPPORT": "true",
+    }
+    s = settings.from_env(env)
+    assert (s.model_name, s.model_base_path, s.model_config_file) == (
+        "half_plus_two", "/models/hp", "/etc/models.config")
+    assert (s.tensorflow_intra_op_parallelism, s.tensorflow_inter_op_parallelism) == (3, 2)
+    assert s.rest_api_enable_cors_support is True
+
+
+@pytest.mark.parametrize(("var", "value", "match"), [
+    ("TFWSGI_REST_API_PORT", "http", "invalid literal"),
+    ("TFWSGI_REST_API_PORT", "70000", "TCP port"),
+    ("TFWSGI_TENSORFLOW_INTRA_OP_PARALLELISM", "-1", ">= 0"),
+    ("TFWSGI_REST_API_ENABLE_CORS_SUPPORT", "maybe", "true/false"),
+    ("TFWSGI_MAX_REQUEST_BYTES", "0", "> 0"),
+])
+def test_bad_values_name_the_variable(var, value, match):
+    with pytest.raises(ConfigError, match=var) as err:
+        settings.from_env({var: value})
+    assert match in str(err.value)
+
+
+def test_every_setting_has_doc_and_unique_env():
+    envs = [s.env for s in settings.SETTINGS]
+    assert len(envs) == len(set(envs))
+    assert all(s.doc and s.env == "TFWSGI_" + s.name.upper() for s in settings.SETTINGS)
+    assert all(isinstance(s.default, s.type) for s in settings.SETTINGS)
+
+
+def test_readme_settings_table_matches_the_declarations():
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("<!-- settings-table:start -->") + len("<!-- settings-table:start -->")
+    end = readme.index("<!-- settings-table:end -->")
+    assert readme[start:end].strip() == settings.markdown_table(), (
+        "README settings table is stale: regenerate it with `python -m tfwsgi.settings`")

@@ -56,15 +56,15 @@ def test_worker_killed_under_load_is_respawned_and_server_keeps_answering(start_
     srv.wait_ready()
     url = srv.url + "/v1/models/hp:predict"
     stop = threading.Event()
-    results: list[tuple[float, int]] = []  # (time, status or 0 for a connection error)
+    results: list[tuple[float, int]] = []  # (time, 200 | -status for a wrong answer | 0 no answer)
 
     def client() -> None:
         with requests.Session() as s:
             while not stop.is_set():
                 try:
                     r = s.post(url, json={"instances": [1.0]}, timeout=10)
-                    ok = r.status_code == 200 and r.json() == {"predictions": [3.5]}
-                    results.append((time.monotonic(), 200 if ok else r.status_code))
+                    right = r.status_code == 200 and r.json() == {"predictions": [4.5]}  # hp v3
+                    results.append((time.monotonic(), 200 if right else -r.status_code))
                 except requests.RequestException:
                     results.append((time.monotonic(), 0))
 

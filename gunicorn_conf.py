@@ -32,3 +32,7 @@ def on_starting(server):
 
 def post_fork(server, worker):
     hooks.post_fork(server, worker)
+
+
+def child_exit(server, worker):
+    hooks.child_exit(server, worker)

@@ -55,7 +55,7 @@ def test_every_setting_has_doc_and_unique_env():
 
 def test_readme_settings_table_matches_the_declarations():
     readme = (ROOT / "README.md").read_text()
-    start = readme.index("<!-- settings-table:start -->") + len("<!-- settings-table:start -->")
-    end = readme.index("<!-- settings-table:end -->")
+    start = readme.index(settings.TABLE_START) + len(settings.TABLE_START)
+    end = readme.index(settings.TABLE_END)
     assert readme[start:end].strip() == settings.markdown_table(), (
-        "README settings table is stale: regenerate it with `python -m tfwsgi.settings`")
+        "README settings table is stale: `python -m tfwsgi.settings --update README.md`")

@@ -10,8 +10,9 @@ from flask import Blueprint, Response, abort, current_app, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from . import codec
+from .cache import Outcome, request_policy
+from .dataplane import DataPlane
 from .errors import CODE_NAMES, InvalidArgument
-from .manager import ModelManager
 
 bp = Blueprint("tfserving_v1", __name__)
 
@@ -27,12 +28,19 @@ _INT64_MAX = 2**63 - 1
 METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
 
-def manager() -> ModelManager:
-    return current_app.extensions["tfwsgi"].manager
+def dataplane() -> DataPlane:
+    return current_app.extensions["tfwsgi"].dataplane
 
 
-def json_response(body: bytes, status: int = 200) -> Response:
-    return Response(body, status=status, mimetype="application/json")
+def json_response(body: bytes, status: int = 200, outcome: Outcome | None = None) -> Response:
+    resp = Response(body, status=status, mimetype="application/json")
+    if outcome is not None:
+        resp.headers["Cache-Status"] = outcome.header()
+    return resp
+
+
+def _policy() -> str:
+    return request_policy(request.headers.get("Cache-Control"))
 
 
 def _raw_path() -> str:
@@ -92,9 +100,12 @@ def _body() -> dict[str, Any]:
 def predict(name: str, version: int | None, label: str | None) -> Response:
     doc = _body()
     signature_name = codec.signature_name(doc)
-    sig = manager().servable(name, version, label).signature(signature_name)
+    dp = dataplane()
+    servable = dp.servable(name, version, label)
+    sig = servable.signature(signature_name)
     inputs, fmt = codec.decode_predict(doc, sig.inputs)
-    return json_response(codec.encode_predict(sig.run(inputs), fmt))
+    outputs, outcome = dp.predict(servable, sig, inputs, _policy())
+    return json_response(codec.encode_predict(outputs, fmt), outcome=outcome)
 
 
 def _examples() -> tuple[str, Any]:
@@ -109,14 +120,17 @@ def _examples() -> tuple[str, Any]:
 
 def classify(name: str, version: int | None, label: str | None) -> Response:
     signature_name, examples = _examples()
-    classes, scores = manager().servable(name, version, label).classify(signature_name, examples)
-    return json_response(codec.encode_classify(classes, scores, len(examples)))
+    dp = dataplane()
+    out, outcome = dp.classify(dp.servable(name, version, label), signature_name, examples, _policy())
+    body = codec.encode_classify(out.get("classes"), out.get("scores"), len(examples))
+    return json_response(body, outcome=outcome)
 
 
 def regress(name: str, version: int | None, label: str | None) -> Response:
     signature_name, examples = _examples()
-    values = manager().servable(name, version, label).regress(signature_name, examples)
-    return json_response(codec.encode_regress(values))
+    dp = dataplane()
+    out, outcome = dp.regress(dp.servable(name, version, label), signature_name, examples, _policy())
+    return json_response(codec.encode_regress(out["outputs"]), outcome=outcome)
 
 
 _METHODS = {"predict": predict, "classify": classify, "regress": regress}
@@ -124,7 +138,7 @@ _METHODS = {"predict": predict, "classify": classify, "regress": regress}
 
 def status(name: str, version: int | None, label: str | None) -> Response:
     # TF Serving's GetModelStatus looks only at the version: with a label it lists every version.
-    states = manager().status(name, version)
+    states = dataplane().manager.status(name, version)
     body = {"model_version_status": [
         {"version": str(s.version), "state": s.state,
          "status": {"error_code": CODE_NAMES.get(s.error_code, "UNKNOWN"), "error_message": s.error_message}}
@@ -133,7 +147,7 @@ def status(name: str, version: int | None, label: str | None) -> Response:
 
 
 def metadata(name: str, version: int | None, label: str | None) -> Response:
-    servable = manager().servable(name, version, label)
+    servable = dataplane().servable(name, version, label)
     body = {
         "model_spec": {"name": servable.name, "signature_name": "",
                        "version": str(servable.version)},

@@ -8,7 +8,9 @@ from dataclasses import dataclass
 from flask import Flask, Response, current_app, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from . import codec
+from . import codec, metrics
+from .cache import PredictionCache
+from .dataplane import DataPlane
 from .errors import TFWSGIError
 from .manager import ModelManager
 from .settings import Settings, from_env
@@ -24,7 +26,7 @@ _DRAIN_LIMIT = 256 * 1024 * 1024
 @dataclass
 class WorkerState:
     settings: Settings
-    manager: ModelManager
+    dataplane: DataPlane
 
 
 def create_app(manager: ModelManager | None = None, settings: Settings | None = None) -> Flask:
@@ -41,10 +43,12 @@ def create_app(manager: ModelManager | None = None, settings: Settings | None = 
     app = Flask("tfwsgi")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes + 1  # see api._body
     app.url_map.merge_slashes = False
-    app.extensions["tfwsgi"] = WorkerState(settings, manager)
+    app.extensions["tfwsgi"] = WorkerState(settings, DataPlane(manager, PredictionCache(settings)))
 
     from .api import bp
 
+    app.add_url_rule("/monitoring/prometheus/metrics", "metrics_tf_serving", _metrics)
+    app.add_url_rule("/metrics", "metrics", _metrics)
     app.register_blueprint(bp)
     app.register_error_handler(TFWSGIError, _tfwsgi_error)
     app.register_error_handler(RequestEntityTooLarge, _too_large)
@@ -52,6 +56,11 @@ def create_app(manager: ModelManager | None = None, settings: Settings | None = 
     if settings.rest_api_enable_cors_support:
         app.after_request(_cors)
     return app
+
+
+def _metrics() -> Response:
+    body, content_type = metrics.render()
+    return Response(body, content_type=content_type)
 
 
 def _error(message: str, status: int) -> Response:

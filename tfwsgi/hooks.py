@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -15,6 +16,8 @@ from .settings import Settings, from_env
 from .source import model_configs
 
 log = logging.getLogger("tfwsgi")
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's own variable
 
 _manager: ModelManager | None = None
 
@@ -45,8 +48,34 @@ def on_starting(server: Any) -> None:
     _share_gunicorn_logging(server)
     settings = from_env()
     configs = model_configs(settings)
+    _prepare_metrics_dir(settings)
+    if settings.memcached:
+        from .cache import parse_servers
+
+        parse_servers(settings.memcached)
     for c in configs:
         server.log.info("tfwsgi: model %s from %s (%s)", c.name, c.base_path, c.policy.kind)
+
+
+def _prepare_metrics_dir(settings: Settings) -> None:
+    """Point every worker at one wiped directory for metric files (before anything imports
+    prometheus_client, which reads the variable once)."""
+    path = settings.prometheus_multiproc_dir or os.environ.get(MULTIPROC_ENV, "")
+    if not path:
+        path = tempfile.mkdtemp(prefix="tfwsgi-metrics-")
+    os.makedirs(path, exist_ok=True)
+    for name in os.listdir(path):
+        if name.endswith(".db"):
+            os.unlink(os.path.join(path, name))
+    os.environ[MULTIPROC_ENV] = path
+    log.info("tfwsgi: worker metrics in %s", path)
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    """Master, when a worker exits: retire its live gauges."""
+    from .metrics import mark_process_dead
+
+    mark_process_dead(worker.pid)
 
 
 @contextmanager

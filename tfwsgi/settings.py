@@ -91,6 +91,40 @@ SETTINGS: tuple[Setting, ...] = (
             _non_negative),
     Setting("max_request_bytes", int, 64 * 1024 * 1024,
             "Largest accepted request body; larger bodies get 413 with a JSON error.", _positive),
+    Setting("cache_enabled", bool, True,
+            "Cache predictions (memcached when `memcached` is set, else an LRU in each worker)."),
+    Setting("cache_ttl_seconds", int, 3600,
+            "How long a cached prediction lives; 0 keeps it until evicted.", _non_negative),
+    Setting("cache_model_ttl", str, "",
+            "Per-model overrides of the TTL, `model=seconds` or `model=off`, comma-separated."),
+    Setting("cache_key_prefix", str, "tfwsgi:",
+            "Prefix of every cache key, to keep deployments sharing a memcached apart."),
+    Setting("cache_local_max_bytes", int, 64 * 1024 * 1024,
+            "Size of each worker's in-process LRU (used when no memcached is set).", _positive),
+    Setting("cache_lease_ms", int, 1000,
+            "With memcached: on a miss, one request anywhere computes while identical ones wait "
+            "up to this long for its answer (a memcached `add` lease); 0 turns it off.",
+            _non_negative),
+    Setting("memcached", str, "",
+            "Memcached servers shared by all workers and hosts, `host:port[,host:port…]` "
+            "(keys spread by rendezvous hashing)."),
+    Setting("memcached_connect_timeout_ms", int, 100,
+            "Connect timeout for memcached; past it the request is served as a miss.", _positive),
+    Setting("memcached_timeout_ms", int, 100,
+            "Read/write timeout for memcached; past it the request is served as a miss.", _positive),
+    Setting("memcached_retry_attempts", int, 2,
+            "Failures before a memcached server is set aside (its keys go to the others).", _positive),
+    Setting("memcached_retry_timeout_seconds", int, 1,
+            "After a failure, how long a server is treated as a miss before it is tried again.",
+            _non_negative),
+    Setting("memcached_dead_timeout_seconds", int, 5,
+            "How long a server set aside stays out before it is tried again.", _non_negative),
+    Setting("memcached_max_item_bytes", int, 1024 * 1024,
+            "memcached's item size limit (`-I`); larger predictions are served but not cached.",
+            _positive),
+    Setting("prometheus_multiproc_dir", str, "",
+            "Directory for the workers' metric files, wiped at start; empty: a fresh temporary "
+            "directory (or `PROMETHEUS_MULTIPROC_DIR` if set)."),
 )
 
 _BY_NAME = {s.name: s for s in SETTINGS}
@@ -138,5 +172,22 @@ def markdown_table() -> str:
     return "\n".join(lines)
 
 
+TABLE_START = "<!-- settings-table:start -->"
+TABLE_END = "<!-- settings-table:end -->"
+
+
+def update_readme(path: str) -> None:
+    """Rewrite the table between the README's settings-table markers."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    start = text.index(TABLE_START) + len(TABLE_START)
+    end = text.index(TABLE_END)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text[:start] + "\n" + markdown_table() + "\n" + text[end:])
+
+
 if __name__ == "__main__":
-    sys.stdout.write(markdown_table() + "\n")
+    if sys.argv[1:2] == ["--update"]:
+        update_readme(sys.argv[2])
+    else:
+        sys.stdout.write(markdown_table() + "\n")

@@ -1,0 +1,61 @@
+"""The protocol-agnostic core: resolve a servable, then answer from the cache or run the model."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from . import metrics
+from .cache import NORMAL, Outcome, PredictionCache, Tensors
+from .manager import ModelManager
+
+DEFAULT_SIGNATURE = "serving_default"
+
+
+class DataPlane:
+    """What every transport calls: predict, classify and regress on decoded tensors."""
+
+    def __init__(self, manager: ModelManager, cache: PredictionCache) -> None:
+        self.manager = manager
+        self.cache = cache
+
+    def servable(self, name: str, version: int | None, label: str | None) -> Any:
+        return self.manager.servable(name, version, label)
+
+    def _run(self, servable: Any, signature: str, method: str, inputs: Mapping[str, np.ndarray],
+             compute: Callable[[], Tensors], policy: str) -> tuple[Tensors, Outcome]:
+        def counted() -> Tensors:
+            out = compute()
+            metrics.MODEL_RUNS.labels(servable.name, str(servable.version), signature, method).inc()
+            return out
+
+        return self.cache.get_or_compute(servable.name, servable.version, signature, method,
+                                         inputs, counted, policy)
+
+    def predict(self, servable: Any, signature: Any, inputs: Mapping[str, np.ndarray],
+                policy: str = NORMAL) -> tuple[Tensors, Outcome]:
+        return self._run(servable, signature.name, "predict", inputs,
+                         lambda: signature.run(inputs), policy)
+
+    def classify(self, servable: Any, signature_name: str, examples: np.ndarray,
+                 policy: str = NORMAL) -> tuple[Tensors, Outcome]:
+        name = signature_name or DEFAULT_SIGNATURE
+
+        def compute() -> Tensors:
+            classes, scores = servable.classify(name, examples)
+            out = {}
+            if classes is not None:
+                out["classes"] = classes
+            if scores is not None:
+                out["scores"] = scores
+            return out
+
+        return self._run(servable, name, "classify", {"inputs": examples}, compute, policy)
+
+    def regress(self, servable: Any, signature_name: str, examples: np.ndarray,
+                policy: str = NORMAL) -> tuple[Tensors, Outcome]:
+        name = signature_name or DEFAULT_SIGNATURE
+        return self._run(servable, name, "regress", {"inputs": examples},
+                         lambda: {"outputs": servable.regress(name, examples)}, policy)

@@ -18,10 +18,16 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 venv: $(VENV)/.installed
 
-# System packages the tests drive for real (curl today; memcached and nginx as they arrive).
+# System packages the tests and benchmarks drive for real.
+SYSTEM_PACKAGES := curl procps memcached wrk
 system-deps:
-	@if ! command -v curl >/dev/null; then \
-	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq curl; fi
+	@missing=""; for p in $(SYSTEM_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
+	fi
 
 $(MODELS)/half_plus_two/1/saved_model.pb: tfwsgi/demo.py | venv
 	$(PY) -m tfwsgi.demo $(MODELS)

@@ -132,3 +132,82 @@ def start_server(tmp_path: Path) -> Iterator[object]:
     yield start
     for srv in started:
         srv.stop()
+
+
+class MemcachedServer:
+    """A real memcached on a free loopback port, stopped by its own PID."""
+
+    def __init__(self, port: int | None = None, memory_mb: int = 64) -> None:
+        self.port = port or free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        user = ["-u", "root"] if os.geteuid() == 0 else []
+        self.proc = subprocess.Popen(
+            ["memcached", "-l", "127.0.0.1", "-p", str(self.port), "-U", "0", "-m", str(memory_mb),
+             *user], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError("memcached did not start") from None
+                time.sleep(0.05)
+
+    def command(self, line: bytes) -> bytes:
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
+            s.sendall(line)
+            data = b""
+            while not data.endswith((b"END\r\n", b"STORED\r\n", b"DELETED\r\n", b"NOT_FOUND\r\n",
+                                     b"ERROR\r\n")):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+            return data
+
+    def stats(self) -> dict[str, str]:
+        lines = self.command(b"stats\r\n").decode().splitlines()
+        return {p[1]: p[2] for p in (line.split() for line in lines) if len(p) == 3 and p[0] == "STAT"}
+
+    def set(self, key: str, value: bytes) -> None:
+        assert self.command(b"set %s 0 0 %d\r\n%s\r\n" % (key.encode(), len(value), value)) == b"STORED\r\n"
+
+    def get(self, key: str) -> bytes | None:
+        data = self.command(b"get %s\r\n" % key.encode())
+        if not data.startswith(b"VALUE"):
+            return None
+        header, rest = data.split(b"\r\n", 1)
+        return rest[: int(header.split()[3])]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+
+@pytest.fixture
+def memcached() -> Iterator[object]:
+    """Start memcached servers of one's own; all are stopped afterwards."""
+    started: list[MemcachedServer] = []
+
+    def start(port: int | None = None) -> MemcachedServer:
+        mc = MemcachedServer(port)
+        started.append(mc)
+        return mc
+
+    yield start
+    for mc in started:
+        mc.stop()
+
+
+def metric_total(text: str, name: str, **labels: str) -> float:
+    """Sum of a metric's samples whose labels include ``labels``, from exposition text."""
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        head, _, value = line.rpartition(" ")
+        if all(f'{k}="{v}"' in head for k, v in labels.items()):
+            total += float(value)
+    return total

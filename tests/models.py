@@ -55,6 +55,15 @@ def build_multi(export_dir: str) -> str:
         def double(self, x: Any) -> Any:
             return {"y": x / 3.0}
 
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.float32, name="x")])
+        def slow(self, x: Any) -> Any:
+            """y = x + 1 after about a quarter of a second of matrix products."""
+            m = tf.random.stateless_normal([256, 256], seed=[1, 2]) / 16.0
+            _, acc = tf.while_loop(lambda i, a: i < 400,
+                                   lambda i, a: (i + 1, tf.math.tanh(tf.linalg.matmul(a, m))),
+                                   [tf.constant(0), m])
+            return {"y": x + 1.0 + 0.0 * tf.reduce_sum(acc)}
+
         @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="inputs")])
         def classify_with_classes(self, inputs: Any) -> Any:
             x = tf.io.parse_example(inputs, {"x": tf.io.FixedLenFeature([1], tf.float32)})["x"]
@@ -72,6 +81,7 @@ def build_multi(export_dir: str) -> str:
         "positive_only": m.positive_only,
         "double": m.double,
         "classify_with_classes": m.classify_with_classes,
+        "slow": m.slow,
     })
     return export_dir
 

@@ -422,23 +422,36 @@ class PredictionCache:
             except BackendError:
                 leased = True  # no cache to coordinate through: just compute
             if not leased:
-                deadline = time.monotonic() + self.lease_ms / 1000.0
-                while time.monotonic() < deadline:
-                    time.sleep(0.005)
-                    probe = Outcome()
-                    found = self._get(model, key, key_digest, probe, count_miss=False)
-                    if found is not None:
-                        self._count(model, "collapsed")
-                        outcome.collapsed = True
-                        return found
-                    if probe.detail:
-                        break
+                found = self._wait_for_holder(model, key, lease_key, key_digest)
+                if found is not None:
+                    self._count(model, "collapsed")
+                    outcome.collapsed = True
+                    return found
         result = compute()
         self._store(model, key, key_digest, result, ttl, outcome)
         if leased:
             with contextlib.suppress(BackendError):
                 self.backend.delete(lease_key)
         return result
+
+    def _wait_for_holder(self, model: str, key: str, lease_key: str, key_digest: bytes) -> Tensors | None:
+        """Another request holds the lease: poll for its answer while its lease is visible.
+
+        A failing server answers every get and add with a default (a miss, "not added"), so
+        the lease itself must be seen; if it is not, or goes without an answer, compute."""
+        deadline = time.monotonic() + self.lease_ms / 1000.0
+        while time.monotonic() < deadline:
+            probe = Outcome()
+            found = self._get(model, key, key_digest, probe, count_miss=False)
+            if found is not None or probe.detail:
+                return found
+            try:
+                if self.backend.get(lease_key) is None:  # released (or never seen): last look
+                    return self._get(model, key, key_digest, Outcome(), count_miss=False)
+            except BackendError:
+                return None
+            time.sleep(0.005)
+        return None
 
     def _get(self, model: str, key: str, key_digest: bytes, outcome: Outcome,
              count_miss: bool = True) -> Tensors | None:

@@ -39,7 +39,7 @@ serve: venv demo-model
 	TFWSGI_REST_API_PORT=$(PORT) $(VENV)/bin/gunicorn -c gunicorn_conf.py tfwsgi:app
 
 lint: venv
-	$(VENV)/bin/ruff check tfwsgi tests gunicorn_conf.py
+	$(VENV)/bin/ruff check tfwsgi tests bench gunicorn_conf.py
 	$(VENV)/bin/mypy
 
 test: venv system-deps lint

@@ -21,7 +21,7 @@ max_requests = 20000  # a backstop against slow leaks; jitter keeps workers from
 max_requests_jitter = 2000
 limit_request_line = 8190
 control_socket_disable = True  # gunicorn's default path is per user: two instances would collide
-accesslog = "-"
+accesslog = None  # off, as in gunicorn and TF Serving; `--access-logfile -` turns it on
 errorlog = "-"
 loglevel = "info"
 

@@ -33,14 +33,14 @@ def dataplane() -> DataPlane:
 
 
 def json_response(body: bytes, status: int = 200, outcome: Outcome | None = None) -> Response:
-    resp = Response(body, status=status, mimetype="application/json")
+    headers = [("Content-Type", "application/json")]
     if outcome is not None:
-        resp.headers["Cache-Status"] = outcome.header()
-    return resp
+        headers.append(("Cache-Status", outcome.header()))
+    return Response(body, status=status, headers=headers)
 
 
 def _policy() -> str:
-    return request_policy(request.headers.get("Cache-Control"))
+    return request_policy(request.environ.get("HTTP_CACHE_CONTROL"))
 
 
 def _raw_path() -> str:
@@ -90,10 +90,19 @@ def dispatch(_path: str) -> Any:
 
 
 def _body() -> dict[str, Any]:
-    # MAX_CONTENT_LENGTH is the limit + 1: werkzeug silently truncates a chunked body at it.
-    data = request.get_data(cache=False)
-    if len(data) >= (request.max_content_length or len(data) + 1):
-        raise RequestEntityTooLarge()
+    """The request's JSON object, read straight from the server's input when its length is known."""
+    environ = request.environ
+    length = environ.get("CONTENT_LENGTH")
+    limit = current_app.extensions["tfwsgi"].settings.max_request_bytes
+    if length and length.isdigit():
+        if int(length) > limit:
+            raise RequestEntityTooLarge()
+        data = environ["wsgi.input"].read(int(length))
+    else:
+        # Chunked: werkzeug's stream stops at MAX_CONTENT_LENGTH (the limit + 1), silently.
+        data = request.get_data(cache=False)
+        if len(data) > limit:
+            raise RequestEntityTooLarge()
     return codec.parse_json(data)
 
 

@@ -67,8 +67,7 @@ def digest(model: str, version: int, signature: str, method: str, inputs: Mappin
     for name in sorted(inputs):
         arr = inputs[name]
         _field(h, name.encode("utf-8"))
-        _field(h, arr.dtype.str.encode("ascii"))
-        _field(h, struct.pack(f"<{arr.ndim}Q", *arr.shape))
+        _field(h, arr.dtype.str.encode("ascii") + struct.pack(f"<{arr.ndim}Q", *arr.shape))
         if arr.dtype.kind == "O":
             h.update(struct.pack("<Q", arr.size))
             for item in arr.reshape(-1):
@@ -90,6 +89,9 @@ def validate_prefix(prefix: str) -> str:
 _MAGIC = b"TFWC"
 _FORMAT = 1
 _HEAD = struct.Struct("<4sB32sI")
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
 _NUMERIC_KINDS = "biuf"
 
 
@@ -124,50 +126,49 @@ def decode_value(data: bytes, key_digest: bytes) -> Tensors:
     """The tensors in a cached value, or CorruptValue if it is not exactly what this key stored."""
     try:
         magic, fmt, stored, count = _HEAD.unpack_from(data, 0)
-    except struct.error:
-        raise CorruptValue("truncated header") from None
-    if magic != _MAGIC or fmt != _FORMAT:
-        raise CorruptValue("not a tfwsgi value")
-    if stored != key_digest:
-        raise CorruptValue("digest does not match the key")
-    view = memoryview(data)
-    pos = _HEAD.size
-    out: Tensors = {}
-
-    def take(n: int) -> memoryview:
-        nonlocal pos
-        if n < 0 or pos + n > len(data):
-            raise CorruptValue("truncated value")
-        chunk = view[pos:pos + n]
-        pos += n
-        return chunk
-
-    try:
+        if magic != _MAGIC or fmt != _FORMAT:
+            raise CorruptValue("not a tfwsgi value")
+        if stored != key_digest:
+            raise CorruptValue("digest does not match the key")
+        pos = _HEAD.size
+        out: Tensors = {}
         for _ in range(count):
-            (name_len,) = struct.unpack("<H", take(2))
-            name = bytes(take(name_len)).decode("utf-8")
-            (dtype_len,) = struct.unpack("<B", take(1))
-            dtype = np.dtype(bytes(take(dtype_len)).decode("ascii"))
+            (n,) = _U16.unpack_from(data, pos)
+            name = data[pos + 2:pos + 2 + n].decode("utf-8")
+            pos += 2 + n
+            n = data[pos]
+            dtype = np.dtype(data[pos + 1:pos + 1 + n].decode("ascii"))
+            pos += 1 + n
             if dtype.kind not in _NUMERIC_KINDS and dtype.kind != "O":
                 raise CorruptValue(f"unexpected dtype {dtype}")
-            (ndim,) = struct.unpack("<B", take(1))
-            shape = struct.unpack(f"<{ndim}Q", take(8 * ndim))
-            size = int(np.prod(shape, dtype=np.uint64)) if ndim else 1
+            ndim = data[pos]
+            shape = struct.unpack_from(f"<{ndim}Q", data, pos + 1)
+            pos += 1 + 8 * ndim
+            size = 1
+            for dim in shape:
+                size *= dim
             if dtype.kind == "O":
                 items = []
                 for _ in range(size):
-                    (n,) = struct.unpack("<I", take(4))
-                    items.append(bytes(take(n)))
+                    (n,) = _U32.unpack_from(data, pos)
+                    if pos + 4 + n > len(data):
+                        raise CorruptValue("truncated value")
+                    items.append(data[pos + 4:pos + 4 + n])
+                    pos += 4 + n
                 arr = np.empty(size, dtype=object)
                 arr[:] = items
                 out[name] = arr.reshape(shape)
             else:
-                (nbytes,) = struct.unpack("<Q", take(8))
-                if nbytes != size * dtype.itemsize:
+                (nbytes,) = _U64.unpack_from(data, pos)
+                pos += 8
+                if nbytes != size * dtype.itemsize or pos + nbytes > len(data):
                     raise CorruptValue("data length does not match shape")
-                out[name] = np.frombuffer(take(nbytes), dtype=dtype).reshape(shape)
-    except (struct.error, UnicodeDecodeError, TypeError, ValueError) as exc:
-        raise CorruptValue(str(exc)) from None
+                out[name] = np.frombuffer(data, dtype=dtype, count=size, offset=pos).reshape(shape)
+                pos += nbytes
+    except CorruptValue:
+        raise
+    except (struct.error, IndexError, UnicodeDecodeError, TypeError, ValueError) as exc:
+        raise CorruptValue(str(exc) or type(exc).__name__) from None
     if pos != len(data):
         raise CorruptValue("trailing bytes")
     return out
@@ -254,6 +255,23 @@ def parse_servers(text: str) -> list[tuple[str, int]]:
     return servers
 
 
+def _blake2b_32(text: str, seed: int) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=4, salt=seed.to_bytes(16, "little")).digest(),
+                          "little")
+
+
+def _fast_rendezvous() -> Any:
+    """pymemcache's rendezvous (HRW) hasher, with a C hash instead of its pure-Python murmur3
+    (which costs more than the rest of a cache hit). Every tfwsgi instance hashes alike."""
+    from pymemcache.client.rendezvous import RendezvousHash
+
+    class FastRendezvousHash(RendezvousHash):  # type: ignore[misc]
+        def __init__(self, nodes: Any = None, seed: int = 0) -> None:
+            super().__init__(nodes, seed, hash_function=_blake2b_32)
+
+    return FastRendezvousHash
+
+
 class Memcached:
     """pymemcache's HashClient (rendezvous hashing, pooled, thread-safe) with finite timeouts."""
 
@@ -264,6 +282,7 @@ class Memcached:
 
         self._client = HashClient(
             parse_servers(settings.memcached),
+            hasher=_fast_rendezvous(),
             use_pooling=True,
             connect_timeout=settings.memcached_connect_timeout_ms / 1000.0,
             timeout=settings.memcached_timeout_ms / 1000.0,
@@ -285,7 +304,9 @@ class Memcached:
         return value if isinstance(value, bytes) else None
 
     def set(self, key: str, value: bytes, ttl: int) -> None:
-        self._call(self._client.set, key, value, expire=ttl, noreply=True)
+        # Wait for STORED: the lease is deleted right after, perhaps over another pooled
+        # connection, and a waiter that sees the lease gone must then find the value.
+        self._call(self._client.set, key, value, expire=ttl, noreply=False)
 
     def add(self, key: str, value: bytes, ttl: int) -> bool:
         return bool(self._call(self._client.add, key, value, expire=ttl, noreply=False))
@@ -418,7 +439,9 @@ class PredictionCache:
         leased = False
         if self.lease_ms > 0 and self.backend.shared and policy == NORMAL and not outcome.detail:
             try:
-                leased = self.backend.add(lease_key, b"1", max(1, -(-self.lease_ms // 1000)))
+                # memcached counts expiry in whole seconds from its own clock tick, so a TTL
+                # of 1 may end at once: keep the lease a second longer than anyone waits on it.
+                leased = self.backend.add(lease_key, b"1", -(-self.lease_ms // 1000) + 1)
             except BackendError:
                 leased = True  # no cache to coordinate through: just compute
             if not leased:

@@ -168,7 +168,8 @@ def main() -> int:
         "",
         "| server | req/s (median) | p99 ms (median) | non-2xx |",
         "|---|---|---|---|",
-        f"| tfwsgi cache hit (`half_plus_two:predict`) | {med['tfwsgi']:.0f} | {p99['tfwsgi']:.1f} | {bad['tfwsgi']} |",
+        f"| tfwsgi cache hit (`half_plus_two:predict`) | {med['tfwsgi']:.0f} | {p99['tfwsgi']:.1f} "
+        f"| {bad['tfwsgi']} |",
         f"| bare Flask route, one memcached get | {med['peer']:.0f} | {p99['peer']:.1f} | {bad['peer']} |",
         "",
         f"**Ratio tfwsgi / bare: {ratio:.2f}** (target ≥ 0.9). Model runs during the tfwsgi load: "

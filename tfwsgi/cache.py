@@ -256,8 +256,8 @@ def parse_servers(text: str) -> list[tuple[str, int]]:
 
 
 def _blake2b_32(text: str, seed: int) -> int:
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=4, salt=seed.to_bytes(16, "little")).digest(),
-                          "little")
+    salt = seed.to_bytes(16, "little")
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=4, salt=salt).digest(), "little")
 
 
 def _fast_rendezvous() -> Any:

@@ -265,7 +265,7 @@ def _fast_rendezvous() -> Any:
     (which costs more than the rest of a cache hit). Every tfwsgi instance hashes alike."""
     from pymemcache.client.rendezvous import RendezvousHash
 
-    class FastRendezvousHash(RendezvousHash):  # type: ignore[misc]
+    class FastRendezvousHash(RendezvousHash):
         def __init__(self, nodes: Any = None, seed: int = 0) -> None:
             super().__init__(nodes, seed, hash_function=_blake2b_32)
 

@@ -17,8 +17,10 @@ preload_app = False  # the app (and TensorFlow) load in each worker, after fork
 timeout = 60  # per request; model loading keeps the worker alive with its own heartbeat
 graceful_timeout = 30
 keepalive = 5
-max_requests = 20000  # a backstop against slow leaks; jitter keeps workers from cycling together
-max_requests_jitter = 2000
+# A backstop against slow leaks, not the fix: a restart reloads every model, so it is rare
+# (minutes apart at thousands of requests/s); jitter keeps workers from cycling together.
+max_requests = 1_000_000
+max_requests_jitter = 100_000
 limit_request_line = 8190
 control_socket_disable = True  # gunicorn's default path is per user: two instances would collide
 accesslog = None  # off, as in gunicorn and TF Serving; `--access-logfile -` turns it on

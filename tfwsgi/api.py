@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -28,10 +29,6 @@ _INT64_MAX = 2**63 - 1
 METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
 
-def dataplane() -> DataPlane:
-    return current_app.extensions["tfwsgi"].dataplane
-
-
 def json_response(body: bytes, status: int = 200, outcome: Outcome | None = None) -> Response:
     headers = [("Content-Type", "application/json")]
     if outcome is not None:
@@ -39,13 +36,45 @@ def json_response(body: bytes, status: int = 200, outcome: Outcome | None = None
     return Response(body, status=status, headers=headers)
 
 
-def _policy() -> str:
-    return request_policy(request.environ.get("HTTP_CACHE_CONTROL"))
+@dataclass
+class Call:
+    """One /v1 request: the worker's state, the WSGI environ, and the model spec from the path."""
+
+    state: Any  # app.WorkerState
+    environ: dict[str, Any]
+    name: str
+    version: int | None
+    label: str | None
+
+    @property
+    def dataplane(self) -> DataPlane:
+        return self.state.dataplane
+
+    def servable(self) -> Any:
+        return self.state.dataplane.servable(self.name, self.version, self.label)
+
+    def policy(self) -> str:
+        return request_policy(self.environ.get("HTTP_CACHE_CONTROL"))
+
+    def body(self) -> dict[str, Any]:
+        """The JSON object, read straight from the server's input when its length is known."""
+        length = self.environ.get("CONTENT_LENGTH")
+        limit = self.state.settings.max_request_bytes
+        if length and length.isdigit():
+            if int(length) > limit:
+                raise RequestEntityTooLarge()
+            data = self.environ["wsgi.input"].read(int(length))
+        else:
+            # Chunked: werkzeug's stream stops at MAX_CONTENT_LENGTH (the limit + 1), silently.
+            data = request.get_data(cache=False)
+            if len(data) > limit:
+                raise RequestEntityTooLarge()
+        return codec.parse_json(data)
 
 
-def _raw_path() -> str:
+def _raw_path(environ: dict[str, Any]) -> str:
     """The path as the client sent it (before percent-decoding), without the query."""
-    raw = request.environ.get("RAW_URI") or request.environ.get("REQUEST_URI")
+    raw = environ.get("RAW_URI") or environ.get("REQUEST_URI")
     if not raw:
         return request.path
     if not raw.startswith("/"):
@@ -53,101 +82,80 @@ def _raw_path() -> str:
     return raw.split("?", 1)[0]
 
 
-def _model_spec(match: re.Match[str]) -> tuple[str, int | None, str | None]:
+def _call(state: Any, environ: dict[str, Any], match: re.Match[str]) -> Call:
     name, version_text, label = match.group(1), match.group(2), match.group(3)
     version = None
     if version_text:
         version = int(version_text)
         if version > _INT64_MAX:
             raise InvalidArgument(f"Failed to convert version: {version_text} to numeric.")
-    return unquote(name or ""), version, unquote(label) if label else None
+    return Call(state, environ, unquote(name or ""), version, unquote(label) if label else None)
 
 
 @bp.route("/<path:_path>", methods=METHODS)
 def dispatch(_path: str) -> Any:
     """Route ``/v1/…`` the way TF Serving does; other paths are plain HTML 404s, as there."""
-    path = _raw_path()
+    environ = request.environ
+    path = _raw_path(environ)
     if not _V1.match(path):
         abort(404)
-    method = request.method
-    if method == "OPTIONS" and current_app.extensions["tfwsgi"].settings.rest_api_enable_cors_support:
+    state = current_app.extensions["tfwsgi"]
+    method = environ["REQUEST_METHOD"]
+    if method == "OPTIONS" and state.settings.rest_api_enable_cors_support:
         return Response(status=204)
     if method == "POST":
         m = _PREDICT.fullmatch(path)
         if m:
-            name, version, label = _model_spec(m)
-            return _METHODS[m.group(4).lower()](name, version, label)
+            return _METHODS[m.group(4).lower()](_call(state, environ, m))
     elif method in ("GET", "HEAD"):
         m = _STATUS.fullmatch(path)
         if m:
-            name, version, label = _model_spec(m)
-            if not name:
+            call = _call(state, environ, m)
+            if not call.name:
                 raise InvalidArgument("Missing model name in request.")
-            if m.group(4):
-                return metadata(name, version, label)
-            return status(name, version, label)
+            return metadata(call) if m.group(4) else status(call)
     raise InvalidArgument(f"Malformed request: {method} {path}")
 
 
-def _body() -> dict[str, Any]:
-    """The request's JSON object, read straight from the server's input when its length is known."""
-    environ = request.environ
-    length = environ.get("CONTENT_LENGTH")
-    limit = current_app.extensions["tfwsgi"].settings.max_request_bytes
-    if length and length.isdigit():
-        if int(length) > limit:
-            raise RequestEntityTooLarge()
-        data = environ["wsgi.input"].read(int(length))
-    else:
-        # Chunked: werkzeug's stream stops at MAX_CONTENT_LENGTH (the limit + 1), silently.
-        data = request.get_data(cache=False)
-        if len(data) > limit:
-            raise RequestEntityTooLarge()
-    return codec.parse_json(data)
-
-
-def predict(name: str, version: int | None, label: str | None) -> Response:
-    doc = _body()
+def predict(call: Call) -> Response:
+    doc = call.body()
     signature_name = codec.signature_name(doc)
-    dp = dataplane()
-    servable = dp.servable(name, version, label)
+    servable = call.servable()
     sig = servable.signature(signature_name)
     inputs, fmt = codec.decode_predict(doc, sig.inputs)
-    outputs, outcome = dp.predict(servable, sig, inputs, _policy())
+    outputs, outcome = call.dataplane.predict(servable, sig, inputs, call.policy())
     return json_response(codec.encode_predict(outputs, fmt), outcome=outcome)
 
 
-def _examples() -> tuple[str, Any]:
+def _examples(call: Call) -> tuple[str, Any]:
     """The signature name and the serialized tf.Examples of a classify/regress body."""
     from .servable import serialize_examples  # TensorFlow: only ever reached in a worker
 
-    doc = _body()
+    doc = call.body()
     signature_name = codec.signature_name(doc)
     context, examples = codec.decode_examples(doc)
     return signature_name, serialize_examples(context, examples)
 
 
-def classify(name: str, version: int | None, label: str | None) -> Response:
-    signature_name, examples = _examples()
-    dp = dataplane()
-    out, outcome = dp.classify(dp.servable(name, version, label), signature_name, examples, _policy())
+def classify(call: Call) -> Response:
+    signature_name, examples = _examples(call)
+    out, outcome = call.dataplane.classify(call.servable(), signature_name, examples, call.policy())
     body = codec.encode_classify(out.get("classes"), out.get("scores"), len(examples))
     return json_response(body, outcome=outcome)
 
 
-def regress(name: str, version: int | None, label: str | None) -> Response:
-    signature_name, examples = _examples()
-    dp = dataplane()
-    out, outcome = dp.regress(dp.servable(name, version, label), signature_name, examples, _policy())
+def regress(call: Call) -> Response:
+    signature_name, examples = _examples(call)
+    out, outcome = call.dataplane.regress(call.servable(), signature_name, examples, call.policy())
     return json_response(codec.encode_regress(out["outputs"]), outcome=outcome)
 
 
 _METHODS = {"predict": predict, "classify": classify, "regress": regress}
 
 
-def status(name: str, version: int | None, label: str | None) -> Response:
+def status(call: Call) -> Response:
     # TF Serving's GetModelStatus looks only at the version: with a label it lists every version.
-    states = dataplane().manager.status(name, version)
+    states = call.dataplane.manager.status(call.name, call.version)
     body = {"model_version_status": [
         {"version": str(s.version), "state": s.state,
          "status": {"error_code": CODE_NAMES.get(s.error_code, "UNKNOWN"), "error_message": s.error_message}}
@@ -155,8 +163,8 @@ def status(name: str, version: int | None, label: str | None) -> Response:
     return json_response(codec.dumps(body))
 
 
-def metadata(name: str, version: int | None, label: str | None) -> Response:
-    servable = dataplane().servable(name, version, label)
+def metadata(call: Call) -> Response:
+    servable = call.servable()
     body = {
         "model_spec": {"name": servable.name, "signature_name": "",
                        "version": str(servable.version)},

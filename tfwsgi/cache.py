@@ -10,6 +10,7 @@ that does not parse, or whose digest differs, is a miss and is overwritten.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import struct
@@ -61,13 +62,13 @@ def _field(h: Any, data: bytes) -> None:
 def digest(model: str, version: int, signature: str, method: str, inputs: Mapping[str, np.ndarray],
            output_filter: str = "") -> bytes:
     """The 32-byte SHA-256 that names one prediction."""
-    h = hashlib.sha256(_KEY_DOMAIN)
-    for text in (model, str(version), signature, method, output_filter):
-        _field(h, text.encode("utf-8"))
+    head = "\x00".join((model, str(version), signature, method, output_filter)).encode("utf-8")
+    h = hashlib.sha256(_KEY_DOMAIN + struct.pack("<Q", len(head)) + head)
     for name in sorted(inputs):
         arr = inputs[name]
-        _field(h, name.encode("utf-8"))
-        _field(h, arr.dtype.str.encode("ascii") + struct.pack(f"<{arr.ndim}Q", *arr.shape))
+        meta = b"%s\x00%s\x00%s" % (name.encode("utf-8"), arr.dtype.str.encode("ascii"),
+                                     struct.pack(f"<{arr.ndim}Q", *arr.shape))
+        _field(h, meta)
         if arr.dtype.kind == "O":
             h.update(struct.pack("<Q", arr.size))
             for item in arr.reshape(-1):
@@ -93,6 +94,11 @@ _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 _NUMERIC_KINDS = "biuf"
+
+
+@functools.lru_cache(maxsize=64)
+def _dtype(spec: bytes) -> np.dtype:
+    return np.dtype(spec.decode("ascii"))
 
 
 class CorruptValue(ValueError):
@@ -137,7 +143,7 @@ def decode_value(data: bytes, key_digest: bytes) -> Tensors:
             name = data[pos + 2:pos + 2 + n].decode("utf-8")
             pos += 2 + n
             n = data[pos]
-            dtype = np.dtype(data[pos + 1:pos + 1 + n].decode("ascii"))
+            dtype = _dtype(data[pos + 1:pos + 1 + n])
             pos += 1 + n
             if dtype.kind not in _NUMERIC_KINDS and dtype.kind != "O":
                 raise CorruptValue(f"unexpected dtype {dtype}")
@@ -383,6 +389,7 @@ class PredictionCache:
             backend = Memcached(settings) if settings.memcached else LocalLRU(settings.cache_local_max_bytes)
         self.backend = backend
         self._flights: dict[bytes, _Flight] = {}
+        self._lookups: dict[tuple[str, str], Any] = {}
         self._lock = threading.Lock()
 
     def _ttl_for(self, model: str) -> int | None:
@@ -524,4 +531,7 @@ class PredictionCache:
         outcome.stored = True
 
     def _count(self, model: str, result: str) -> None:
-        self._metrics.CACHE_LOOKUPS.labels(model, result).inc()
+        child = self._lookups.get((model, result))
+        if child is None:
+            child = self._lookups[(model, result)] = self._metrics.CACHE_LOOKUPS.labels(model, result)
+        child.inc()

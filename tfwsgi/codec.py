@@ -364,6 +364,7 @@ def _strings(arr: np.ndarray, as_b64: bool) -> Any:
     return walk(arr.tolist())
 
 
+_JSON_FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 _NAN = orjson.Fragment(b"NaN")
 _INF = orjson.Fragment(b"Infinity")
 _NINF = orjson.Fragment(b"-Infinity")
@@ -388,7 +389,7 @@ def jsonable(name: str, arr: np.ndarray) -> Any:
     if kind == "c" or kind == "V":
         raise InvalidArgument(f"Failed to write JSON value for tensor type: {tf_type_name(arr.dtype)}")
     if kind == "f":
-        if arr.dtype.name not in ("float16", "float32", "float64"):
+        if arr.dtype not in _JSON_FLOATS:
             arr = arr.astype(np.float32)  # bfloat16 and friends
         if not np.isfinite(arr).all():
             return _with_nonfinite(arr)

@@ -36,5 +36,9 @@ def post_fork(server, worker):
     hooks.post_fork(server, worker)
 
 
+def post_worker_init(worker):
+    hooks.post_worker_init(worker)
+
+
 def child_exit(server, worker):
     hooks.child_exit(server, worker)

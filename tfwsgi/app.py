@@ -32,18 +32,20 @@ class WorkerState:
 def create_app(manager: ModelManager | None = None, settings: Settings | None = None) -> Flask:
     """Build the app around this worker's manager (loaded by the post_fork hook, or here)."""
     settings = settings or from_env()
-    if manager is None:
-        from . import hooks
+    from . import hooks
 
+    threads = hooks.worker_threads()
+    if manager is None:
         manager = hooks.worker_manager()
     if manager is None:  # not under gunicorn_conf.py: load in this process now
         manager = ModelManager(model_configs(settings))
         manager.load_all()
 
     app = Flask("tfwsgi")
-    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes + 1  # see api._body
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes + 1  # see api.Call.body
     app.url_map.merge_slashes = False
-    app.extensions["tfwsgi"] = WorkerState(settings, DataPlane(manager, PredictionCache(settings)))
+    cache = PredictionCache(settings, threads=threads)
+    app.extensions["tfwsgi"] = WorkerState(settings, DataPlane(manager, cache))
 
     from .api import bp
 

@@ -52,30 +52,33 @@ def request_policy(cache_control: str | None) -> str:
 # -------------------------------------------------------------------------- keys
 
 _KEY_DOMAIN = b"tfwsgi-prediction-cache-v1\x00"
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
 
 
-def _field(h: Any, data: bytes) -> None:
-    h.update(struct.pack("<Q", len(data)))
-    h.update(data)
+def _framed(parts: list[bytes], data: bytes) -> None:
+    parts.append(_U64.pack(len(data)))
+    parts.append(data)
 
 
 def digest(model: str, version: int, signature: str, method: str, inputs: Mapping[str, np.ndarray],
            output_filter: str = "") -> bytes:
-    """The 32-byte SHA-256 that names one prediction."""
-    head = "\x00".join((model, str(version), signature, method, output_filter)).encode("utf-8")
-    h = hashlib.sha256(_KEY_DOMAIN + struct.pack("<Q", len(head)) + head)
+    """The 32-byte SHA-256 that names one prediction (every field length-prefixed)."""
+    parts: list[bytes] = [_KEY_DOMAIN]
+    for text in (model, str(version), signature, method, output_filter):
+        _framed(parts, text.encode("utf-8"))
     for name in sorted(inputs):
         arr = inputs[name]
-        meta = b"%s\x00%s\x00%s" % (name.encode("utf-8"), arr.dtype.str.encode("ascii"),
-                                     struct.pack(f"<{arr.ndim}Q", *arr.shape))
-        _field(h, meta)
+        _framed(parts, name.encode("utf-8"))
+        _framed(parts, arr.dtype.str.encode("ascii"))
+        _framed(parts, struct.pack(f"<{arr.ndim}Q", *arr.shape))
         if arr.dtype.kind == "O":
-            h.update(struct.pack("<Q", arr.size))
             for item in arr.reshape(-1):
-                _field(h, item if isinstance(item, bytes) else str(item).encode("utf-8"))
+                _framed(parts, item if isinstance(item, bytes) else str(item).encode("utf-8"))
         else:
-            _field(h, np.ascontiguousarray(arr).tobytes())
-    return h.digest()
+            _framed(parts, np.ascontiguousarray(arr).tobytes())
+    return hashlib.sha256(b"".join(parts)).digest()
 
 
 def validate_prefix(prefix: str) -> str:
@@ -90,9 +93,6 @@ def validate_prefix(prefix: str) -> str:
 _MAGIC = b"TFWC"
 _FORMAT = 1
 _HEAD = struct.Struct("<4sB32sI")
-_U16 = struct.Struct("<H")
-_U32 = struct.Struct("<I")
-_U64 = struct.Struct("<Q")
 _NUMERIC_KINDS = "biuf"
 
 
@@ -275,21 +275,29 @@ def _fast_rendezvous() -> Any:
         def __init__(self, nodes: Any = None, seed: int = 0) -> None:
             super().__init__(nodes, seed, hash_function=_blake2b_32)
 
+        def get_node(self, key: str) -> Any:
+            if len(self.nodes) == 1:  # the highest random weight of one node is that node's
+                return self.nodes[0]
+            return super().get_node(key)
+
     return FastRendezvousHash
 
 
 class Memcached:
-    """pymemcache's HashClient (rendezvous hashing, pooled, thread-safe) with finite timeouts."""
+    """pymemcache's HashClient (rendezvous hashing) with finite timeouts, thread-safe: pooled
+    connections when the worker runs several request threads (``threads`` ≠ 1), one connection
+    per server in a single-threaded (sync) worker, where a pool would only add overhead."""
 
     shared = True
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, threads: int = 0) -> None:
         from pymemcache.client.hash import HashClient
 
         self._client = HashClient(
             parse_servers(settings.memcached),
             hasher=_fast_rendezvous(),
-            use_pooling=True,
+            use_pooling=threads != 1,
+            max_pool_size=threads or None,
             connect_timeout=settings.memcached_connect_timeout_ms / 1000.0,
             timeout=settings.memcached_timeout_ms / 1000.0,
             retry_attempts=settings.memcached_retry_attempts,
@@ -375,7 +383,7 @@ class _Flight:
 class PredictionCache:
     """Looks predictions up, computes each missing one once, and stores it; never fails a request."""
 
-    def __init__(self, settings: Settings, backend: Backend | None = None) -> None:
+    def __init__(self, settings: Settings, backend: Backend | None = None, threads: int = 0) -> None:
         from . import metrics
 
         self._metrics = metrics
@@ -386,7 +394,8 @@ class PredictionCache:
         self.max_item = settings.memcached_max_item_bytes
         self.lease_ms = settings.cache_lease_ms
         if backend is None:
-            backend = Memcached(settings) if settings.memcached else LocalLRU(settings.cache_local_max_bytes)
+            backend = (Memcached(settings, threads) if settings.memcached
+                       else LocalLRU(settings.cache_local_max_bytes))
         self.backend = backend
         self._flights: dict[bytes, _Flight] = {}
         self._lookups: dict[tuple[str, str], Any] = {}

@@ -7,8 +7,6 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 from .manager import ModelManager
@@ -20,11 +18,17 @@ log = logging.getLogger("tfwsgi")
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's own variable
 
 _manager: ModelManager | None = None
+_threads = 0
 
 
 def worker_manager() -> ModelManager | None:
     """The manager that ``post_fork`` loaded in this worker, if any."""
     return _manager
+
+
+def worker_threads() -> int:
+    """Request threads of this gunicorn worker (1 for sync workers); 0 when not under gunicorn."""
+    return _threads
 
 
 def fitted_threads(settings: Settings, workers: int, cores: int | None = None) -> tuple[int, int]:
@@ -78,39 +82,55 @@ def child_exit(server: Any, worker: Any) -> None:
     mark_process_dead(worker.pid)
 
 
-@contextmanager
-def _heartbeat(worker: Any, interval: float = 1.0) -> Iterator[None]:
-    """Tell the master this worker is alive while it loads (loading may outlast ``timeout``)."""
-    done = threading.Event()
+class _Heartbeat:
+    """Tells the master this worker is alive while it loads models and the app, which may take
+    longer than gunicorn's ``timeout``; runs from ``post_fork`` until ``post_worker_init``."""
 
-    def beat() -> None:
-        while not done.wait(interval):
-            worker.notify()
+    def __init__(self, worker: Any, interval: float) -> None:
+        self._done = threading.Event()
+        self._worker = worker
+        self._interval = interval
+        self._thread = threading.Thread(target=self._beat, name="tfwsgi-load-heartbeat", daemon=True)
+        self._thread.start()
 
-    t = threading.Thread(target=beat, name="tfwsgi-load-heartbeat", daemon=True)
-    t.start()
-    try:
-        yield
-    finally:
-        done.set()
-        t.join()
+    def _beat(self) -> None:
+        while not self._done.wait(self._interval):
+            self._worker.notify()
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
+
+
+_heartbeat: _Heartbeat | None = None
+_started = 0.0
+_tf_threads = (0, 0)
+
+
+def post_worker_init(worker: Any) -> None:
+    """Worker, app loaded, about to take requests: its own loop keeps the heartbeat from now on."""
+    global _heartbeat
+    if _heartbeat is not None:
+        _heartbeat.stop()
+        _heartbeat = None
+    worker.log.info("tfwsgi: worker %d ready in %.2fs (intra_op=%d inter_op=%d)",
+                    os.getpid(), time.monotonic() - _started, *_tf_threads)
 
 
 def post_fork(server: Any, worker: Any) -> None:
     """Worker, right after fork: fit TF's threads, then load every model once, before traffic."""
-    global _manager
+    global _manager, _threads, _heartbeat, _started, _tf_threads
+    _started = time.monotonic()
     _share_gunicorn_logging(server)
+    _heartbeat = _Heartbeat(worker, interval=min(1.0, server.cfg.timeout / 4))
     settings = from_env()
-    intra, inter = fitted_threads(settings, server.cfg.workers)
-    os.environ.setdefault("OMP_NUM_THREADS", str(intra))
+    _tf_threads = fitted_threads(settings, server.cfg.workers)
+    os.environ.setdefault("OMP_NUM_THREADS", str(_tf_threads[0]))
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
-    started = time.monotonic()
-    with _heartbeat(worker):
-        from .servable import configure_threads
+    from .servable import configure_threads
 
-        configure_threads(intra, inter)
-        manager = ModelManager(model_configs(settings))
-        manager.load_all()
+    configure_threads(*_tf_threads)
+    manager = ModelManager(model_configs(settings))
+    manager.load_all()
     _manager = manager
-    server.log.info("tfwsgi: worker %d ready in %.2fs (intra_op=%d inter_op=%d)",
-                    os.getpid(), time.monotonic() - started, intra, inter)
+    _threads = 1 if server.cfg.worker_class_str == "sync" else max(1, server.cfg.threads)

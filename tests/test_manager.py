@@ -6,9 +6,9 @@ import pytest
 
 from tfwsgi.errors import InvalidArgument, NotFound, TFWSGIError
 from tfwsgi.hooks import fitted_threads
-from tfwsgi.manager import AVAILABLE, END, ModelManager
+from tfwsgi.manager import AVAILABLE, END, LOADING, ModelManager, RetryPolicy
 from tfwsgi.settings import from_env
-from tfwsgi.source import ALL, ModelConfig, VersionPolicy
+from tfwsgi.source import ALL, LATEST, ModelConfig, VersionPolicy
 
 
 class Fake:
@@ -63,7 +63,8 @@ def test_latest_skips_failed_versions(manager):
 def test_specific_and_label(manager):
     assert manager.servable("m", version=1).version == 1
     assert manager.servable("m", label="stable").version == 1
-    with pytest.raises(NotFound, match=r"Specific\(m, 3\)"):
+    # A label points only at an available version (TF Serving refuses the others).
+    with pytest.raises(InvalidArgument, match="Unrecognized servable version label: bad"):
         manager.servable("m", label="bad")
     with pytest.raises(NotFound, match=r"Specific\(m, 8\)"):
         manager.servable("m", version=8)
@@ -92,3 +93,154 @@ def test_model_without_versions(tmp_path):
 ])
 def test_fitted_threads(env, workers, cores, expected):
     assert fitted_threads(from_env(env), workers, cores) == expected
+
+
+# ------------------------------------------------------------------ lifecycle: reconcile
+
+class Disk:
+    """Version directories under a base path, and a loader that reads a marker file in each."""
+
+    def __init__(self, root) -> None:
+        self.root = root
+        self.loads: list[int] = []
+        self.gate = None
+
+    def add(self, version: int, good: bool = True) -> None:
+        d = self.root / str(version)
+        d.mkdir(parents=True)
+        (d / "ok").write_text("1" if good else "0")
+
+    def remove(self, version: int) -> None:
+        import shutil
+
+        shutil.rmtree(self.root / str(version))
+
+    def load(self, name: str, version: int, path: str) -> Fake:
+        self.loads.append(version)
+        if self.gate is not None:
+            self.gate(version)
+        with open(f"{path}/ok") as f:
+            if f.read() != "1":
+                raise TFWSGIError("corrupt version", 15)
+        return Fake(name, version, path)
+
+
+def disk_manager(tmp_path, policy=VersionPolicy(), labels=None, retry=RetryPolicy(0, 0.0)):  # noqa: B008
+    disk = Disk(tmp_path / "m")
+    disk.add(1)
+    mgr = ModelManager([ModelConfig("m", str(disk.root), policy, labels or {})], disk.load, retry)
+    mgr.load_all()
+    return mgr, disk
+
+
+def test_new_version_is_loaded_before_the_old_one_leaves(tmp_path):
+    mgr, disk = disk_manager(tmp_path)
+    seen_while_loading = []
+    disk.gate = lambda v: seen_while_loading.append(mgr.servable("m").version)
+    disk.add(2)
+    mgr.reconcile()
+    assert seen_while_loading == [1]  # version 1 answered while 2 was loading
+    assert mgr.servable("m").version == 2
+    states = {s.version: s.state for s in mgr.status("m")}
+    assert states == {2: AVAILABLE, 1: END}
+
+
+def test_broken_new_version_never_serves_and_the_old_keeps_serving(tmp_path):
+    mgr, disk = disk_manager(tmp_path, retry=RetryPolicy(max_retries=2, interval_seconds=0.0))
+    disk.add(2, good=False)
+    for _ in range(5):
+        mgr.reconcile()
+    assert mgr.servable("m").version == 1
+    state = mgr.status("m", 2)[0]
+    assert (state.state, state.error_code, state.error_message) == (END, 15, "corrupt version")
+    assert disk.loads.count(2) == 3  # the first try and two retries, then no more
+
+
+def test_retry_waits_for_the_interval(tmp_path):
+    mgr, disk = disk_manager(tmp_path, retry=RetryPolicy(max_retries=5, interval_seconds=3600))
+    disk.add(2, good=False)
+    mgr.reconcile()
+    mgr.reconcile()
+    assert disk.loads.count(2) == 1
+
+
+def test_fixed_version_loads_on_retry(tmp_path):
+    mgr, disk = disk_manager(tmp_path, retry=RetryPolicy(max_retries=3, interval_seconds=0.0))
+    disk.add(2, good=False)
+    mgr.reconcile()
+    (disk.root / "2" / "ok").write_text("1")
+    mgr.reconcile()
+    assert mgr.servable("m").version == 2
+
+
+def test_removed_version_unloads_but_never_the_last(tmp_path):
+    mgr, disk = disk_manager(tmp_path, policy=VersionPolicy(ALL))
+    disk.add(2)
+    mgr.reconcile()
+    disk.remove(2)
+    mgr.reconcile()
+    assert mgr.servable("m").version == 1 and mgr.status("m", 2)[0].state == END
+    disk.remove(1)
+    mgr.reconcile()
+    assert mgr.servable("m").version == 1  # nothing else to serve: it stays (availability first)
+
+
+def test_version_back_on_disk_is_loaded_again(tmp_path):
+    mgr, disk = disk_manager(tmp_path, policy=VersionPolicy(ALL))
+    disk.add(2)
+    mgr.reconcile()
+    disk.remove(2)
+    mgr.reconcile()
+    disk.add(2)
+    mgr.reconcile()
+    assert mgr.servable("m").version == 2 and disk.loads.count(2) == 2
+
+
+def test_label_moves_only_once_its_target_is_available(tmp_path):
+    disk = Disk(tmp_path / "m")
+    disk.add(1)
+    cfg = ModelConfig("m", str(disk.root), VersionPolicy(ALL), {"stable": 1})
+    mgr = ModelManager([cfg], disk.load, RetryPolicy(0, 0.0))
+    mgr.load_all()
+    assert mgr.servable("m", label="stable").version == 1
+    # The config moves the label to version 2 before version 2 exists: it stays on 1.
+    mgr.set_configs([ModelConfig("m", str(disk.root), VersionPolicy(ALL), {"stable": 2})])
+    mgr.reconcile()
+    assert mgr.servable("m", label="stable").version == 1
+    disk.add(2)
+    mgr.reconcile()
+    assert mgr.servable("m", label="stable").version == 2
+
+
+def test_models_added_and_removed_by_config(tmp_path):
+    mgr, disk = disk_manager(tmp_path)
+    other = Disk(tmp_path / "o")
+    other.add(5)
+    configs = [ModelConfig("m", str(disk.root)), ModelConfig("o", str(other.root))]
+    mgr.set_configs(configs)
+    mgr.reconcile()
+    assert mgr.servable("o").version == 5 and mgr.ready() == {"m": True, "o": True}
+    mgr.set_configs([ModelConfig("o", str(other.root))])
+    mgr.reconcile()
+    with pytest.raises(NotFound):
+        mgr.servable("m")
+    assert mgr.ready() == {"o": True}
+
+
+def test_readiness_waits_for_every_model(tmp_path):
+    disk = Disk(tmp_path / "m")
+    mgr = ModelManager([ModelConfig("m", str(disk.root), VersionPolicy(LATEST))], disk.load)
+    mgr.load_all()
+    assert mgr.ready() == {"m": False}
+    disk.add(3)
+    mgr.reconcile()
+    assert mgr.ready() == {"m": True}
+
+
+def test_status_shows_loading_while_a_version_loads(tmp_path):
+    mgr, disk = disk_manager(tmp_path)
+    seen = []
+    disk.gate = lambda v: seen.append(mgr.status("m", v)[0].state)
+    disk.add(2)
+    mgr.reconcile()
+    assert seen == [LOADING]

@@ -12,9 +12,8 @@ from . import codec, metrics
 from .cache import PredictionCache
 from .dataplane import DataPlane
 from .errors import TFWSGIError
-from .manager import ModelManager
+from .manager import ModelManager, manager_from_settings, watch
 from .settings import Settings, from_env
-from .source import model_configs
 
 log = logging.getLogger("tfwsgi")
 
@@ -38,8 +37,9 @@ def create_app(manager: ModelManager | None = None, settings: Settings | None = 
     if manager is None:
         manager = hooks.worker_manager()
     if manager is None:  # not under gunicorn_conf.py: load in this process now
-        manager = ModelManager(model_configs(settings))
+        manager = manager_from_settings(settings)
         manager.load_all()
+        watch(manager, settings)
 
     app = Flask("tfwsgi")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes + 1  # see api.Call.body
@@ -49,6 +49,8 @@ def create_app(manager: ModelManager | None = None, settings: Settings | None = 
 
     from .api import bp
 
+    app.add_url_rule("/v2/health/live", "live", _live)
+    app.add_url_rule("/v2/health/ready", "ready", _ready)
     app.add_url_rule("/monitoring/prometheus/metrics", "metrics_tf_serving", _metrics)
     app.add_url_rule("/metrics", "metrics", _metrics)
     app.register_blueprint(bp)
@@ -58,6 +60,18 @@ def create_app(manager: ModelManager | None = None, settings: Settings | None = 
     if settings.rest_api_enable_cors_support:
         app.after_request(_cors)
     return app
+
+
+def _live() -> Response:
+    return Response(status=200)
+
+
+def _ready() -> Response:
+    """200 when this worker has a version of every configured model available, else 503."""
+    models = current_app.extensions["tfwsgi"].dataplane.manager.ready()
+    ok = all(models.values())
+    return Response(codec.dumps({"ready": ok, "models": models}), status=200 if ok else 503,
+                    mimetype="application/json")
 
 
 def _metrics() -> Response:

@@ -9,7 +9,7 @@ import threading
 import time
 from typing import Any
 
-from .manager import ModelManager
+from .manager import ModelManager, manager_from_settings, watch
 from .settings import Settings, from_env
 from .source import model_configs
 
@@ -130,7 +130,8 @@ def post_fork(server: Any, worker: Any) -> None:
     from .servable import configure_threads
 
     configure_threads(*_tf_threads)
-    manager = ModelManager(model_configs(settings))
+    manager = manager_from_settings(settings)
     manager.load_all()
+    watch(manager, settings)
     _manager = manager
     _threads = 1 if server.cfg.worker_class_str == "sync" else max(1, server.cfg.threads)

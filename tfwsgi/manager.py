@@ -1,17 +1,28 @@
-"""The manager: the only place that loads servables, and where callers find them by name, version or label."""
+"""The manager: the only place that loads and unloads servables, and where callers find them.
+
+It follows TF Serving's availability-preserving policy in each worker: a new aspired version is
+loaded (and warmed up) before anything that depended on an old one moves; a version leaves only
+when another is available, or when its model is removed from the config; a version that fails to
+load is reported (state END with its error) and retried as TF Serving does, never served.
+
+Readers (requests) never take a lock: every change publishes a new, immutable snapshot of a
+model's versions and labels, which a request reads once.
+"""
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .errors import InvalidArgument, NotFound, TFWSGIError
-from .source import ModelConfig, scan_versions
+from .settings import Settings
+from .source import ModelConfig, model_configs, scan_versions
 
 log = logging.getLogger("tfwsgi")
 
@@ -25,7 +36,7 @@ END = "END"
 Loader = Callable[[str, int, str], Any]
 
 
-@dataclass
+@dataclass(frozen=True)
 class VersionState:
     """What the manager knows of one version: TF Serving's state, and the error if it failed."""
 
@@ -34,12 +45,32 @@ class VersionState:
     error_code: int = 0
     error_message: str = ""
     servable: Any = None
+    attempts: int = 0
+    last_attempt: float = 0.0
+    path: str = ""
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One model as requests see it: its versions, the latest available, its labels in force."""
+
+    versions: Mapping[int, VersionState] = field(default_factory=dict)
+    latest: int | None = None
+    labels: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass
 class ModelEntry:
     config: ModelConfig
-    versions: dict[int, VersionState] = field(default_factory=dict)
+    snapshot: Snapshot = field(default_factory=Snapshot)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """TF Serving's ``max_num_load_retries`` and ``load_retry_interval_micros``."""
+
+    max_retries: int = 5
+    interval_seconds: float = 60.0
 
 
 def _default_loader(name: str, version: int, path: str) -> Any:
@@ -49,65 +80,36 @@ def _default_loader(name: str, version: int, path: str) -> Any:
 
 
 class ModelManager:
-    """Loads each aspired version of each configured model once, and resolves requests to them."""
+    """Loads the aspired versions of each configured model, keeps them current, resolves requests."""
 
-    def __init__(self, configs: Sequence[ModelConfig], loader: Loader = _default_loader) -> None:
+    def __init__(self, configs: Sequence[ModelConfig], loader: Loader = _default_loader,
+                 retry: RetryPolicy | None = None) -> None:
         self._loader = loader
-        self._lock = threading.Lock()
+        self._retry = retry or RetryPolicy()
+        self._write = threading.RLock()  # one writer at a time: load_all, reconcile, set_configs
         self._models: dict[str, ModelEntry] = {c.name: ModelEntry(c) for c in configs}
+        self._removed: dict[str, ModelEntry] = {}
+        self._stop = threading.Event()
+        self._watcher: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ reading (requests)
 
     @property
     def model_names(self) -> list[str]:
         return list(self._models)
 
-    def load_all(self) -> None:
-        """Load every aspired version of every model (called once per worker, after fork)."""
-        for entry in self._models.values():
-            cfg = entry.config
-            on_disk = scan_versions(cfg.base_path)
-            aspired = cfg.policy.aspired(on_disk)
-            if not aspired:
-                log.warning("tfwsgi: no versions of model %s found under base path %s",
-                            cfg.name, cfg.base_path)
-            for version in sorted(aspired):
-                self._load(entry, version, on_disk[version])
-            for label, version in cfg.labels.items():
-                state = entry.versions.get(version)
-                if state is None or state.state != AVAILABLE:
-                    log.warning("tfwsgi: label %s of model %s points at version %d, "
-                                "which is not available", label, cfg.name, version)
-
-    def _load(self, entry: ModelEntry, version: int, path: str) -> None:
-        name = entry.config.name
-        state = VersionState(version, LOADING)
-        with self._lock:
-            entry.versions[version] = state
-        started = time.monotonic()
-        try:
-            servable = self._loader(name, version, path)
-        except TFWSGIError as exc:
-            state.state, state.error_code, state.error_message = END, exc.code, exc.message
-        except Exception as exc:  # a broken version must never stop the others
-            state.state, state.error_code, state.error_message = END, 2, f"{type(exc).__name__}: {exc}"
-        else:
-            state.servable, state.state = servable, AVAILABLE
-            log.info("tfwsgi: pid %d loaded model %s version %d in %.2fs",
-                     os.getpid(), name, version, time.monotonic() - started)
-            return
-        log.error("tfwsgi: pid %d failed to load model %s version %d: %s",
-                  os.getpid(), name, version, state.error_message)
-
     def status(self, name: str, version: int | None = None) -> list[VersionState]:
         """Version states, newest first (GetModelStatus)."""
-        entry = self._models.get(name)
+        entry = self._models.get(name) or self._removed.get(name)
+        versions = entry.snapshot.versions if entry else {}
         if version is not None:
-            state = entry.versions.get(version) if entry else None
+            state = versions.get(version)
             if state is None:
                 raise NotFound(f"Could not find version {version} of model {name}")
             return [state]
-        if entry is None or not entry.versions:
+        if not versions:
             raise NotFound(f"Could not find any versions of model {name}")
-        return [entry.versions[v] for v in sorted(entry.versions, reverse=True)]
+        return [versions[v] for v in sorted(versions, reverse=True)]
 
     def servable(self, name: str, version: int | None = None, label: str | None = None) -> Any:
         """The servable for a request: latest available, a specific version, or a label's."""
@@ -116,17 +118,201 @@ class ModelManager:
                 f"Both model version ({version}) and model version label ({label}) "
                 "cannot be supplied.")
         entry = self._models.get(name)
+        snap = entry.snapshot if entry is not None else Snapshot()
         if label is not None:
-            if entry is None or label not in entry.config.labels:
+            if label not in snap.labels:
                 raise InvalidArgument(f"Unrecognized servable version label: {label}")
-            version = entry.config.labels[label]
+            version = snap.labels[label]
         if version is not None:
-            state = entry.versions.get(version) if entry else None
+            state = snap.versions.get(version)
             if state is None or state.state != AVAILABLE:
                 raise NotFound(f"Servable not found for request: Specific({name}, {version})")
             return state.servable
-        if entry is not None:
-            for v in sorted(entry.versions, reverse=True):
-                if entry.versions[v].state == AVAILABLE:
-                    return entry.versions[v].servable
-        raise NotFound(f"Servable not found for request: Latest({name})")
+        if snap.latest is None:
+            raise NotFound(f"Servable not found for request: Latest({name})")
+        return snap.versions[snap.latest].servable
+
+    def ready(self) -> dict[str, bool]:
+        """For each configured model: does this worker have a version of it available?"""
+        return {name: e.snapshot.latest is not None for name, e in self._models.items()}
+
+    # ------------------------------------------------------------------ writing (the watcher)
+
+    def load_all(self) -> None:
+        """Load every aspired version of every model (called once per worker, after fork)."""
+        self.reconcile(initial=True)
+
+    def reconcile(self, initial: bool = False) -> None:
+        """Bring every model in line with its base path and config, availability first."""
+        with self._write:
+            for entry in list(self._models.values()):
+                try:
+                    self._reconcile(entry, initial)
+                except Exception:  # one model's trouble must not stop the others
+                    log.exception("tfwsgi: reconciling model %s failed", entry.config.name)
+            for name, entry in list(self._removed.items()):
+                self._unload_all(name, entry)
+
+    def set_configs(self, configs: Sequence[ModelConfig]) -> None:
+        """A new model config: added models load on the next reconcile, removed ones unload."""
+        with self._write:
+            models = dict(self._models)
+            wanted = {c.name: c for c in configs}
+            for name in list(models):
+                if name not in wanted:
+                    self._removed[name] = models.pop(name)
+            for name, cfg in wanted.items():
+                if name in models:
+                    models[name] = ModelEntry(cfg, models[name].snapshot)
+                else:
+                    self._removed.pop(name, None)
+                    models[name] = ModelEntry(cfg)
+            self._models = models  # published whole: readers see the old or the new dict
+
+    def _publish(self, entry: ModelEntry, versions: Mapping[int, VersionState]) -> None:
+        available = [v for v, s in versions.items() if s.state == AVAILABLE]
+        latest = max(available) if available else None
+        labels: dict[str, int] = {}
+        for label, target in entry.config.labels.items():
+            state = versions.get(target)
+            if state is not None and state.state == AVAILABLE:
+                labels[label] = target
+            elif label in entry.snapshot.labels:
+                # TF Serving moves a label only to a loaded version: until then it stays put.
+                old = entry.snapshot.labels[label]
+                if old in versions and versions[old].state == AVAILABLE:
+                    labels[label] = old
+        entry.snapshot = Snapshot(dict(versions), latest, labels)
+
+    def _set(self, entry: ModelEntry, state: VersionState) -> None:
+        versions = dict(entry.snapshot.versions)
+        versions[state.version] = state
+        self._publish(entry, versions)
+
+    def _reconcile(self, entry: ModelEntry, initial: bool) -> None:
+        cfg = entry.config
+        on_disk = scan_versions(cfg.base_path)
+        aspired = cfg.policy.aspired(on_disk)
+        if not aspired and initial:
+            log.warning("tfwsgi: no versions of model %s found under base path %s",
+                        cfg.name, cfg.base_path)
+        now = time.monotonic()
+        for version in aspired:  # newest first
+            state = entry.snapshot.versions.get(version)
+            if state is None or (state.state == END and not state.error_code):
+                self._load(entry, version, on_disk[version], attempts=0)
+            elif (state.state == END and state.error_code
+                  and state.attempts <= self._retry.max_retries
+                  and now - state.last_attempt >= self._retry.interval_seconds):
+                self._load(entry, version, on_disk[version], attempts=state.attempts)
+        # Unload what is no longer aspired, but never the last available version of a model.
+        versions = entry.snapshot.versions
+        aspired_set = set(aspired)
+        aspired_available = [v for v in aspired if versions.get(v) and versions[v].state == AVAILABLE]
+        leaving = sorted((v for v, s in versions.items() if s.state == AVAILABLE and v not in aspired_set),
+                         reverse=True)
+        if not aspired_available and leaving:
+            leaving = leaving[1:]  # keep the newest one serving until an aspired version is up
+        for version in leaving:
+            self._unload(entry, version)
+        # Labels whose target became available since the last pass move now.
+        if dict(entry.snapshot.labels) != {k: v for k, v in cfg.labels.items()
+                                           if versions.get(v) and versions[v].state == AVAILABLE}:
+            self._publish(entry, entry.snapshot.versions)
+
+    def _load(self, entry: ModelEntry, version: int, path: str, attempts: int) -> None:
+        name = entry.config.name
+        self._set(entry, VersionState(version, LOADING, attempts=attempts + 1,
+                                      last_attempt=time.monotonic(), path=path))
+        started = time.monotonic()
+        try:
+            servable = self._loader(name, version, path)
+        except Exception as exc:  # a broken version must never stop the others
+            code, message = ((exc.code, exc.message) if isinstance(exc, TFWSGIError)
+                             else (2, f"{type(exc).__name__}: {exc}"))
+            state = replace(entry.snapshot.versions[version], state=END, error_code=code,
+                            error_message=message)
+            self._set(entry, state)
+            left = self._retry.max_retries - attempts
+            log.error("tfwsgi: pid %d failed to load model %s version %d (%s): %s",
+                      os.getpid(), name, version,
+                      f"{left} retries left" if left > 0 else "no retries left", message)
+            return
+        self._set(entry, replace(entry.snapshot.versions[version], state=AVAILABLE,
+                                 servable=servable, error_code=0, error_message=""))
+        log.info("tfwsgi: pid %d loaded model %s version %d in %.2fs",
+                 os.getpid(), name, version, time.monotonic() - started)
+
+    def _unload(self, entry: ModelEntry, version: int) -> None:
+        state = entry.snapshot.versions[version]
+        self._set(entry, replace(state, state=UNLOADING))
+        self._set(entry, replace(state, state=END, servable=None))
+        del state
+        gc.collect()  # let TensorFlow free the version's memory now, not at some later collection
+        log.info("tfwsgi: pid %d unloaded model %s version %d", os.getpid(), entry.config.name, version)
+
+    def _unload_all(self, name: str, entry: ModelEntry) -> None:
+        for version, state in list(entry.snapshot.versions.items()):
+            if state.state in (AVAILABLE, LOADING):
+                self._unload(entry, version)
+        del self._removed[name]
+
+    # ------------------------------------------------------------------ the watcher thread
+
+    def start_watching(self, fs_poll_seconds: float, config_poll_seconds: float = 0.0,
+                       read_configs: Callable[[], Sequence[ModelConfig]] | None = None) -> None:
+        """Poll base paths (and the config file) in a background thread of this worker."""
+        if fs_poll_seconds <= 0 and (config_poll_seconds <= 0 or read_configs is None):
+            return  # TF Serving: 0 means look once, at start
+
+        def run() -> None:
+            next_fs = next_cfg = time.monotonic()
+            while not self._stop.is_set():
+                now = time.monotonic()
+                if read_configs is not None and config_poll_seconds > 0 and now >= next_cfg:
+                    next_cfg = now + config_poll_seconds
+                    try:
+                        configs = read_configs()
+                    except Exception as exc:  # a bad edit keeps the config in force
+                        log.error("tfwsgi: model config not reloaded: %s", exc)
+                    else:
+                        if [c for c in configs] != [e.config for e in self._models.values()]:
+                            log.info("tfwsgi: pid %d model config changed", os.getpid())
+                            self.set_configs(configs)
+                            self.reconcile()
+                if fs_poll_seconds > 0 and now >= next_fs:
+                    next_fs = now + fs_poll_seconds
+                    self.reconcile()
+                waits = [t for t, on in ((next_fs, fs_poll_seconds > 0),
+                                         (next_cfg, config_poll_seconds > 0 and read_configs)) if on]
+                self._stop.wait(max(0.05, min(waits) - time.monotonic()))
+
+        self._watcher = threading.Thread(target=run, name="tfwsgi-model-watcher", daemon=True)
+        self._watcher.start()
+
+    def stop_watching(self) -> None:
+        self._stop.set()
+        if self._watcher is not None:
+            self._watcher.join(timeout=30)
+
+
+def manager_from_settings(settings: Settings) -> ModelManager:
+    """The manager the settings describe: models, load retries, and warmup in its loader."""
+
+    def loader(name: str, version: int, path: str) -> Any:
+        from .servable import Servable
+
+        servable = Servable(name, version, path)
+        if settings.enable_model_warmup:
+            servable.warmup(settings.num_request_iterations_for_warmup)
+        return servable
+
+    retry = RetryPolicy(settings.max_num_load_retries, settings.load_retry_interval_micros / 1e6)
+    return ModelManager(model_configs(settings), loader, retry)
+
+
+def watch(manager: ModelManager, settings: Settings) -> None:
+    """Start this worker's watcher of base paths and of the model config file."""
+    read = (lambda: model_configs(settings)) if settings.model_config_file else None
+    manager.start_watching(settings.file_system_poll_wait_seconds,
+                           settings.model_config_file_poll_wait_seconds, read)

@@ -5,8 +5,10 @@ Import this module only in a worker, after fork: it imports TensorFlow.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +23,11 @@ from tensorflow_serving.apis import get_model_metadata_pb2
 
 from .errors import FailedPrecondition, InvalidArgument, TFWSGIError
 
+log = logging.getLogger("tfwsgi")
+
 DEFAULT_SIGNATURE = "serving_default"
+WARMUP_FILE = "tf_serving_warmup_requests"
+MAX_WARMUP_RECORDS = 1000
 CLASSIFY_INPUTS = "inputs"
 CLASSIFY_CLASSES = "classes"
 CLASSIFY_SCORES = "scores"
@@ -149,6 +155,46 @@ class Servable:
                 fn=fn,
             )
 
+    def warmup(self, iterations: int = 1) -> int:
+        """Replay ``assets.extra/tf_serving_warmup_requests`` (TFRecord of PredictionLog, at most
+        1000 records) as TF Serving does before a version is available; a failure fails the load."""
+        path = os.path.join(self.path, "assets.extra", WARMUP_FILE)
+        if not os.path.exists(path):
+            return 0
+        from tensorflow_serving.apis import prediction_log_pb2
+
+        started = time.monotonic()
+        records = 0
+        try:
+            for raw in tf.data.TFRecordDataset(path).take(MAX_WARMUP_RECORDS):
+                entry = prediction_log_pb2.PredictionLog.FromString(raw.numpy())
+                for _ in range(iterations):
+                    self._replay(entry)
+                records += 1
+        except TFWSGIError as exc:
+            raise TFWSGIError(f"Warmup of {path} failed: {exc.message}", exc.code) from None
+        except (tf.errors.OpError, ValueError, DecodeError) as exc:
+            raise TFWSGIError(f"Warmup of {path} failed: {exc}", 3) from None
+        log.info("tfwsgi: pid %d warmed up model %s version %d with %d records in %.2fs",
+                 os.getpid(), self.name, self.version, records, time.monotonic() - started)
+        return records
+
+    def _replay(self, entry: Any) -> None:
+        kind = entry.WhichOneof("log_type")
+        if kind == "predict_log":
+            req = entry.predict_log.request
+            sig = self.signature(req.model_spec.signature_name)
+            sig.run({k: tf.make_ndarray(v) for k, v in req.inputs.items()})
+        elif kind in ("classify_log", "regress_log"):
+            req = getattr(entry, kind).request
+            examples = _serialized_input(req.input)
+            if kind == "classify_log":
+                self.classify(req.model_spec.signature_name, examples)
+            else:
+                self.regress(req.model_spec.signature_name, examples)
+        else:
+            raise TFWSGIError(f"Unsupported log_type for warmup: {kind}", 12)
+
     def signature(self, name: str) -> Signature:
         """A signature by name ("" is ``serving_default``)."""
         key = name or DEFAULT_SIGNATURE
@@ -219,6 +265,18 @@ class Servable:
                 f"No classification inputs found in SignatureDef: {key} "
                 "(expected one DT_STRING input named 'inputs')")
         return sig
+
+
+def _serialized_input(inp: Any) -> np.ndarray:
+    """The serialized examples of a tensorflow.serving.Input (with its context, if any)."""
+    if inp.WhichOneof("kind") == "example_list_with_context":
+        ctx = inp.example_list_with_context.context.SerializeToString()
+        items = [ctx + e.SerializeToString() for e in inp.example_list_with_context.examples]
+    else:
+        items = [e.SerializeToString() for e in inp.example_list.examples]
+    out = np.empty(len(items), dtype=object)
+    out[:] = items
+    return out
 
 
 def _feature(kind: str, values: list[Any]) -> Any:

@@ -81,6 +81,21 @@ SETTINGS: tuple[Setting, ...] = (
             _non_negative),
     Setting("tensorflow_inter_op_parallelism", int, 0,
             "Ops run in parallel in each worker. 0 fits it to the machine: 1.", _non_negative),
+    Setting("file_system_poll_wait_seconds", int, 1,
+            "How often each worker looks for new, removed or changed versions under the base "
+            "paths; 0 looks once, at start.", _non_negative),
+    Setting("model_config_file_poll_wait_seconds", int, 0,
+            "How often each worker re-reads `model_config_file` (models added or removed, "
+            "policies, labels); 0 reads it once.", _non_negative),
+    Setting("max_num_load_retries", int, 5,
+            "Retries of a version that failed to load (it is reported, never served).",
+            _non_negative),
+    Setting("load_retry_interval_micros", int, 60_000_000,
+            "Time between those retries, in microseconds.", _non_negative),
+    Setting("enable_model_warmup", bool, True,
+            "Replay `assets.extra/tf_serving_warmup_requests` before a version is AVAILABLE."),
+    Setting("num_request_iterations_for_warmup", int, 1,
+            "How many times each warmup record is replayed.", _positive),
     Setting("rest_api_port", int, 8501,
             "Port of the REST API when gunicorn's `-b/--bind` is not given "
             "(binds 0.0.0.0).", _port),

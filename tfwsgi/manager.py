@@ -73,6 +73,17 @@ class RetryPolicy:
     interval_seconds: float = 60.0
 
 
+def _trim_heap() -> None:
+    """Hand freed heap pages back to the system (glibc keeps them otherwise), so an unloaded
+    version's memory leaves the worker's resident size."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
 def _default_loader(name: str, version: int, path: str) -> Any:
     from .servable import Servable
 
@@ -249,6 +260,7 @@ class ModelManager:
         self._set(entry, replace(state, state=END, servable=None))
         del state
         gc.collect()  # let TensorFlow free the version's memory now, not at some later collection
+        _trim_heap()
         log.info("tfwsgi: pid %d unloaded model %s version %d", os.getpid(), entry.config.name, version)
 
     def _unload_all(self, name: str, entry: ModelEntry) -> None:

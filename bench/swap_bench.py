@@ -186,8 +186,9 @@ def main() -> int:
         f"2 sync workers, {args.clients} clients sending `:predict` with `Cache-Control: no-store` "
         "throughout; version 2 is renamed into the base path at t = 0.",
         "",
-        "| mechanism | first answer from v2 (s) | last answer from v1 (s) | worker PSS before / peak / after (MB) "
-        "| requests | failed | slowest request during the swap (s) |",
+        "| mechanism | first answer from v2 (s) | last answer from v1 (s) "
+        "| worker PSS before / peak / after (MB) | requests | failed "
+        "| slowest request during the swap (s) |",
         "|---|---|---|---|---|---|---|",
     ]
     names = {"watcher": "per-worker watcher (default)", "sighup": "SIGHUP worker rotation"}

@@ -6,9 +6,9 @@ Command-line flags (``-b``, ``-w``, ``-k`` …) override these values. Model set
 
 import os
 
-from tfwsgi import hooks, settings
+from tfwsgi import hooks
 
-_settings = settings.from_env()
+_settings = hooks.config_settings()  # TFWSGI_* variables, and TFWSGI_ENV_FILE (re-read on SIGHUP)
 
 bind = [f"0.0.0.0:{_settings.rest_api_port}"]
 workers = _settings.workers or os.cpu_count() or 1

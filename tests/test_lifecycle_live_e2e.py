@@ -275,3 +275,42 @@ def test_warmup_runs_before_a_version_is_available(start_server, model_root, tmp
     state = srv.get("/v1/models/hp/versions/2").json()["model_version_status"][0]
     assert state["state"] == "END" and "Warmup" in state["status"]["error_message"]
     assert "no_such_signature" in state["status"]["error_message"]
+
+
+def test_sighup_rereads_the_env_file(start_server, model_root, tmp_path):
+    env_file = tmp_path / "tfwsgi.env"
+    env_file.write_text(f"# as /etc/tfwsgi/tfwsgi.env\nTFWSGI_MODEL_NAME=hp\n"
+                        f"TFWSGI_MODEL_BASE_PATH='{model_root}/hp'\n"
+                        "TFWSGI_FILE_SYSTEM_POLL_WAIT_SECONDS=0\n")
+    srv = start_server({"TFWSGI_ENV_FILE": str(env_file)})
+    srv.wait_ready()
+    assert srv.post("/v1/models/hp:predict", json={"instances": [1.0]}).json() == {"predictions": [4.5]}
+
+    def rotate() -> None:
+        before = srv.worker_pids()
+        os.kill(srv.pid, signal.SIGHUP)
+        deadline = time.monotonic() + 60
+        while True:
+            pids = srv.worker_pids()
+            if pids and not pids & before and len(set(srv.ready_pids()) & pids) == 2:
+                return
+            assert time.monotonic() < deadline, srv.log()[-3000:]
+            time.sleep(0.2)
+
+    # A new model name and a version policy pinned through the config file, picked up by SIGHUP.
+    config = tmp_path / "m.config"
+    config.write_text(f'model_config_list {{ config {{ name: "renamed" base_path: "{model_root}/hp" '
+                      "model_version_policy { specific { versions: 2 } } } }")
+    env_file.write_text(f"TFWSGI_MODEL_CONFIG_FILE={config}\n")
+    with Load(srv.url + "/v1/models/renamed:predict", clients=2) as load:
+        rotate()
+        until_every_worker(lambda: srv.post("/v1/models/renamed:predict", json={"instances": [1.0]})
+                           .json().get("predictions"), [ANSWER[2]])
+    assert srv.post("/v1/models/hp:predict", json={"instances": [1.0]}).status_code == 404
+    assert {a for _, code, a in load.results if code == 200} <= {ANSWER[2]}
+    # A broken file is refused: the server keeps its settings and keeps answering.
+    env_file.write_text("TFWSGI_REST_API_PORT=not-a-port\n")
+    rotate()
+    assert "settings not reloaded, the previous ones stay" in srv.log()
+    r = srv.post("/v1/models/renamed:predict", json={"instances": [1.0]})
+    assert r.json() == {"predictions": [ANSWER[2]]}

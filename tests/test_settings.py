@@ -59,3 +59,25 @@ def test_readme_settings_table_matches_the_declarations():
     end = readme.index(settings.TABLE_END)
     assert readme[start:end].strip() == settings.markdown_table(), (
         "README settings table is stale: `python -m tfwsgi.settings --update README.md`")
+
+
+def test_env_file(tmp_path):
+    f = tmp_path / "tfwsgi.env"
+    f.write_text("# comment\n\nTFWSGI_MODEL_NAME=a\nexport TFWSGI_WORKERS = 3\n"
+                 "TFWSGI_CACHE_KEY_PREFIX='p: q'\nOTHER=ignored\nTFWSGI_ENV_FILE=/not/followed\n")
+    assert settings.read_env_file(str(f)) == {
+        "TFWSGI_MODEL_NAME": "a", "TFWSGI_WORKERS": "3", "TFWSGI_CACHE_KEY_PREFIX": "p: q"}
+    env, keys = settings.with_env_file({"TFWSGI_ENV_FILE": str(f), "TFWSGI_MODEL_NAME": "b"}, set())
+    assert env["TFWSGI_MODEL_NAME"] == "a" and keys == {"TFWSGI_MODEL_NAME", "TFWSGI_WORKERS",
+                                                         "TFWSGI_CACHE_KEY_PREFIX"}
+    # A key the file no longer sets goes back to its default.
+    f.write_text("TFWSGI_MODEL_NAME=c\n")
+    env2, keys2 = settings.with_env_file(env, keys)
+    assert "TFWSGI_WORKERS" not in env2 and env2["TFWSGI_MODEL_NAME"] == "c"
+    assert keys2 == {"TFWSGI_MODEL_NAME"}
+    f.write_text("TFWSGI_WORKERS=many\n")
+    with pytest.raises(ConfigError, match="TFWSGI_WORKERS"):
+        settings.with_env_file(env2, keys2)
+    f.write_text("no equals sign\n")
+    with pytest.raises(ConfigError, match=":1: expected KEY=value"):
+        settings.read_env_file(str(f))

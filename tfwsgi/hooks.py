@@ -9,8 +9,9 @@ import threading
 import time
 from typing import Any
 
+from .errors import ConfigError
 from .manager import ModelManager, manager_from_settings, watch
-from .settings import Settings, from_env
+from .settings import Settings, from_env, with_env_file
 from .source import model_configs
 
 log = logging.getLogger("tfwsgi")
@@ -45,6 +46,35 @@ def _share_gunicorn_logging(server: Any) -> None:
     log.handlers = list(error_log.handlers)
     log.setLevel(error_log.level)
     log.propagate = False
+
+
+_env_file_keys: set[str] = set()
+_config_loaded = False
+
+
+def _apply_env_file() -> None:
+    """Put the env file's settings into the master's environment (inherited by new workers)."""
+    global _env_file_keys
+    env, keys = with_env_file(os.environ, _env_file_keys)
+    model_configs(from_env(env))  # the model config must hold too
+    for key in _env_file_keys - keys:
+        os.environ.pop(key, None)
+    os.environ.update({k: env[k] for k in keys})
+    _env_file_keys = keys
+
+
+def config_settings() -> Settings:
+    """The settings ``gunicorn_conf.py`` uses, with the env file applied; it runs at start (where
+    a bad file stops the server) and again on every SIGHUP (where it keeps the previous values)."""
+    global _config_loaded
+    try:
+        _apply_env_file()
+    except ConfigError as exc:
+        if not _config_loaded:
+            raise
+        log.error("tfwsgi: settings not reloaded, the previous ones stay: %s", exc)
+    _config_loaded = True
+    return from_env()
 
 
 def on_starting(server: Any) -> None:

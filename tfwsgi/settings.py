@@ -67,6 +67,9 @@ class Setting:
 
 
 SETTINGS: tuple[Setting, ...] = (
+    Setting("env_file", str, "",
+            "A file of `TFWSGI_*=value` lines applied at start and again on every SIGHUP, so a "
+            "reload picks up changed settings (the environment of a running master cannot change)."),
     Setting("model_name", str, "default",
             "Name of the model served from `model_base_path` (ignored with `model_config_file`)."),
     Setting("model_base_path", str, "",
@@ -173,6 +176,40 @@ def from_env(environ: Mapping[str, str] | None = None) -> Settings:
     env = os.environ if environ is None else environ
     values = {s.name: s.parse(env[s.env]) for s in SETTINGS if s.env in env}
     return Settings(values)
+
+
+def read_env_file(path: str) -> dict[str, str]:
+    """``TFWSGI_*`` assignments from an env file (``KEY=value``, ``#`` comments, optional quotes)."""
+    values: dict[str, str] = {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError as exc:
+        raise ConfigError(f"TFWSGI_ENV_FILE: cannot read {path}: {exc}") from None
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, value = line.removeprefix("export ").partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key:
+            raise ConfigError(f"{path}:{number}: expected KEY=value")
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        if key.startswith(ENV_PREFIX) and key != "TFWSGI_ENV_FILE":
+            values[key] = value
+    return values
+
+
+def with_env_file(environ: Mapping[str, str], applied: set[str]) -> tuple[dict[str, str], set[str]]:
+    """The environment with the env file's values in force (keys it no longer sets are dropped),
+    and the keys it set. Raises ConfigError, leaving nothing changed, if the result is invalid."""
+    env = {k: v for k, v in environ.items() if k not in applied}
+    path = env.get("TFWSGI_ENV_FILE", "")
+    values = read_env_file(path) if path else {}
+    env.update(values)
+    from_env(env)  # every value must parse before any is used
+    return env, set(values)
 
 
 def markdown_table() -> str:

@@ -1,0 +1,64 @@
+"""The reference models of the throughput benchmark (issue 5), built with the installed TensorFlow."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def build_mlp(path: Path, seed: int = 0) -> None:
+    """MLP 784→512→512→10 (the "mlp" rows), signature x [None, 784] → y [None, 10]."""
+    import numpy as np
+    import tensorflow as tf
+
+    rng = np.random.default_rng(seed)
+
+    def w(*shape: int) -> tf.Variable:
+        return tf.Variable(rng.normal(0, 0.05, size=shape).astype("float32"))
+
+    class MLP(tf.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w1, self.b1 = w(784, 512), w(512)
+            self.w2, self.b2 = w(512, 512), w(512)
+            self.w3, self.b3 = w(512, 10), w(10)
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 784], tf.float32, name="x")])
+        def serve(self, x: Any) -> Any:
+            h = tf.nn.relu(x @ self.w1 + self.b1)
+            h = tf.nn.relu(h @ self.w2 + self.b2)
+            return {"y": tf.nn.softmax(h @ self.w3 + self.b3)}
+
+    m = MLP()
+    tf.saved_model.save(m, str(path), signatures={"serving_default": m.serve})
+
+
+def build_conv(path: Path, seed: int = 0) -> None:
+    """A small conv net on 32×32×3 images (the "conv" row), signature x [None, 32, 32, 3] → y."""
+    import numpy as np
+    import tensorflow as tf
+
+    rng = np.random.default_rng(seed)
+
+    def w(*shape: int) -> tf.Variable:
+        return tf.Variable(rng.normal(0, 0.05, size=shape).astype("float32"))
+
+    class Conv(tf.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.k = [w(3, 3, 3, 64), w(3, 3, 64, 64), w(3, 3, 64, 128), w(3, 3, 128, 128),
+                      w(3, 3, 128, 256)]
+            self.dense = w(256, 10)
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 32, 32, 3], tf.float32, name="x")])
+        def serve(self, x: Any) -> Any:
+            h = x
+            for i, k in enumerate(self.k):
+                h = tf.nn.relu(tf.nn.conv2d(h, k, 1, "SAME"))
+                if i in (1, 3):
+                    h = tf.nn.max_pool2d(h, 2, 2, "VALID")
+            h = tf.reduce_mean(h, axis=[1, 2])
+            return {"y": tf.nn.softmax(h @ self.dense)}
+
+    m = Conv()
+    tf.saved_model.save(m, str(path), signatures={"serving_default": m.serve})

@@ -1,0 +1,198 @@
+"""Throughput benchmark (issue 5): tfwsgi vs the plain Flask + gunicorn peer on the reference models.
+
+    .venv/bin/python bench/throughput_bench.py [--duration 10] [--concurrency 1,8,32,64]
+
+Builds the reference models (bench/reference_models.py), starts tfwsgi
+(``gunicorn -c gunicorn_conf.py tfwsgi:app -w 2``, prediction cache off so the model runs for every
+request) and the peer (``gunicorn -w 2 bench.peers.plain_app:app``) for each case, drives both with
+wrk over loopback at each concurrency, interleaving the two servers, and writes
+docs/throughput-benchmark.md and docs/throughput-benchmark.png (throughput and p99 against
+concurrency). Worker memory (PSS) is sampled after each case's load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from conftest import Server, free_port  # noqa: E402
+from reference_models import build_conv, build_mlp  # noqa: E402
+from swap_bench import pss_kb  # noqa: E402
+
+CASES = {
+    "mlp-1": ("mlp", (1, 784)),
+    "mlp-32": ("mlp", (32, 784)),
+    "conv-1": ("conv", (1, 32, 32, 3)),
+}
+
+
+def body_for(shape: tuple[int, ...]) -> str:
+    x = np.random.default_rng(0).random(shape).astype(np.float32)
+    return json.dumps({"instances": x.tolist()})
+
+
+def wrk(url: str, body_file: Path, connections: int, duration: int) -> dict:
+    script = body_file.with_suffix(".lua")
+    script.write_text(
+        'wrk.method = "POST"\n'
+        f'local f = io.open("{body_file}", "rb")\nwrk.body = f:read("*all")\nf:close()\n'
+        'wrk.headers["Content-Type"] = "application/json"\n')
+    threads = min(2, connections)
+    out = subprocess.run(["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration}s", "--latency",
+                          "-s", str(script), url], capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    m = re.search(r"99%\s+([\d.]+)(us|ms|s)\b", out)
+    p99 = float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)]
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    errors = (int(bad.group(1)) if bad else 0) + (sum(map(int, sock.groups())) if sock else 0)
+    return {"rps": rps, "p99_ms": p99, "errors": errors}
+
+
+class Peer:
+    def __init__(self, model_dir: Path, log: Path) -> None:
+        self.port = free_port()
+        env = {**os.environ, "BENCH_MODEL_DIR": str(model_dir), "TF_CPP_MIN_LOG_LEVEL": "2"}
+        with open(log, "wb") as f:
+            self.proc = subprocess.Popen(
+                [str(Path(sys.executable).parent / "gunicorn"), "-w", "2", "-b", f"127.0.0.1:{self.port}",
+                 "--no-control-socket", "-t", "120", "bench.peers.plain_app:app"],
+                cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        self.url = f"http://127.0.0.1:{self.port}/v1/models/m:predict"
+
+    def wait(self, body: str) -> None:
+        deadline = time.monotonic() + 120
+        ok = 0
+        while ok < 6:  # both workers up
+            assert time.monotonic() < deadline, "peer did not start"
+            try:
+                ok += requests.post(self.url, data=body, timeout=30).ok
+            except requests.RequestException:
+                time.sleep(0.3)
+
+    def worker_pids(self) -> set[int]:
+        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(self.proc.pid)],
+                             capture_output=True, text=True).stdout
+        return {int(p) for p in out.split()}
+
+    def stop(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        self.proc.wait(30)
+
+
+def run_case(name: str, work: Path, levels: list[int], duration: int) -> dict:
+    model, shape = CASES[name]
+    body = body_for(shape)
+    body_file = work / f"{name}.json"
+    body_file.write_text(body)
+    srv = Server({"TFWSGI_MODEL_NAME": "m", "TFWSGI_MODEL_BASE_PATH": str(work / model),
+                  "TFWSGI_CACHE_ENABLED": "false"}, workers=2, log_path=work / f"tfwsgi-{name}.log")
+    peer = Peer(work / model / "1", work / f"peer-{name}.log")
+    try:
+        srv.wait_ready()
+        peer.wait(body)
+        url = srv.url + "/v1/models/m:predict"
+        mine = requests.post(url, data=body, timeout=30).json()["predictions"]
+        theirs = requests.post(peer.url, data=body, timeout=30).json()["predictions"]
+        assert np.allclose(mine, theirs, rtol=1e-4, atol=1e-6), "the servers disagree"
+        result: dict = {"tfwsgi": {}, "peer": {}}
+        for c in levels:
+            for who, target in (("tfwsgi", url), ("peer", peer.url)):
+                r = wrk(target, body_file, c, duration)
+                result[who][c] = r
+                print(f"{name} c={c:3d} {who:6s} {r['rps']:8.0f} req/s p99 {r['p99_ms']:7.1f} ms "
+                      f"errors {r['errors']}", flush=True)
+        result["pss_mb"] = {
+            "tfwsgi": max(pss_kb(p) for p in srv.worker_pids()) / 1024,
+            "peer": max(pss_kb(p) for p in peer.worker_pids()) / 1024,
+        }
+        return result
+    finally:
+        srv.stop()
+        peer.stop()
+
+
+def plot(results: dict, levels: list[int], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, len(results), figsize=(5 * len(results), 7), squeeze=False)
+    for col, (name, res) in enumerate(results.items()):
+        for who, style in (("tfwsgi", "o-"), ("peer", "s--")):
+            axes[0][col].plot(levels, [res[who][c]["rps"] for c in levels], style, label=who)
+            axes[1][col].plot(levels, [res[who][c]["p99_ms"] for c in levels], style, label=who)
+        axes[0][col].set_title(name)
+        axes[0][col].set_ylabel("requests/s")
+        axes[1][col].set_ylabel("p99 latency (ms)")
+        axes[1][col].set_xlabel("concurrent connections")
+        for ax in (axes[0][col], axes[1][col]):
+            ax.set_xscale("log", base=2)
+            ax.grid(True, alpha=0.3)
+            ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=int, default=10)
+    parser.add_argument("--concurrency", default="1,8,32,64")
+    parser.add_argument("--cases", default=",".join(CASES))
+    args = parser.parse_args()
+    levels = [int(c) for c in args.concurrency.split(",")]
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="tfwsgi-throughput-") as tmp:
+        work = Path(tmp)
+        build_mlp(work / "mlp" / "1")
+        build_conv(work / "conv" / "1")
+        for name in args.cases.split(","):
+            results[name] = run_case(name, work, levels, args.duration)
+    lines = [
+        "# Throughput benchmark",
+        "",
+        f"`.venv/bin/python bench/throughput_bench.py --duration {args.duration} --concurrency "
+        f"{args.concurrency} --cases {args.cases}` on {os.cpu_count()} cores. Both servers: gunicorn, "
+        "2 workers, loopback, wrk; tfwsgi with its cache off (the model runs for every request); "
+        "the peer is bench/peers/plain_app.py.",
+        "",
+        "| case | connections | tfwsgi req/s | peer req/s | ratio | tfwsgi p99 ms | peer p99 ms | errors |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, res in results.items():
+        for c in levels:
+            t, p = res["tfwsgi"][c], res["peer"][c]
+            lines.append(f"| {name} | {c} | {t['rps']:.0f} | {p['rps']:.0f} | {t['rps'] / p['rps']:.2f} | "
+                         f"{t['p99_ms']:.1f} | {p['p99_ms']:.1f} | {t['errors']} / {p['errors']} |")
+    lines += ["", "| case | worker PSS tfwsgi (MB) | worker PSS peer (MB) | ratio |", "|---|---|---|---|"]
+    for name, res in results.items():
+        m = res["pss_mb"]
+        lines.append(f"| {name} | {m['tfwsgi']:.0f} | {m['peer']:.0f} | {m['tfwsgi'] / m['peer']:.2f} |")
+    lines += ["", "![throughput and p99 against concurrency](throughput-benchmark.png)"]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    (ROOT / "docs").mkdir(exist_ok=True)
+    (ROOT / "docs" / "throughput-benchmark.md").write_text(text)
+    plot(results, levels, ROOT / "docs" / "throughput-benchmark.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

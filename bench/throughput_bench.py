@@ -30,9 +30,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from conftest import Server, free_port  # noqa: E402
 from reference_models import build_conv, build_mlp  # noqa: E402
 from swap_bench import pss_kb  # noqa: E402
+
+from conftest import Server, free_port  # noqa: E402
 
 CASES = {
     "mlp-1": ("mlp", (1, 784)),

@@ -25,9 +25,10 @@ def test_worker_class_flag_overrides_config(start_server, model_root):
 
 
 def test_loading_longer_than_timeout_does_not_kill_the_worker(start_server, model_config):
-    # Importing TensorFlow and loading five versions takes seconds; the timeout is one second.
-    srv = start_server({"TFWSGI_MODEL_CONFIG_FILE": str(model_config)}, workers=1,
-                       extra_args=("-t", "1"))
+    # Importing TensorFlow in the worker (no preload) and loading five versions takes seconds;
+    # the timeout is one second.
+    srv = start_server({"TFWSGI_MODEL_CONFIG_FILE": str(model_config),
+                        "TFWSGI_PRELOAD_TENSORFLOW": "false"}, workers=1, extra_args=("-t", "1"))
     srv.wait_ready()
     assert "WORKER TIMEOUT" not in srv.log()
     loaded = re.findall(r"worker \d+ ready in ([\d.]+)s", srv.log())

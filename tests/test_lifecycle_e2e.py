@@ -32,11 +32,30 @@ def test_import_tfwsgi_and_config_stay_tensorflow_free():
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env).returncode == 0
 
 
-def test_master_never_loads_tensorflow_but_workers_do(server):
-    master = mapped_files(server.pid)
-    assert not [p for p in master if "tensorflow" in p], "the gunicorn master mapped TensorFlow"
+def threads(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
+def test_master_imports_but_never_runs_tensorflow(server):
+    # Imported before fork (shared pages) ...
+    assert [p for p in mapped_files(server.pid) if "libtensorflow" in p]
+    assert "TensorFlow imported in the master" in server.log()
+    assert "(not initialised)" in server.log()
+    # ... but never run: a TF runtime starts its inter/intra-op thread pools, which the master
+    # never has, while every worker (which ran its models) does.
+    assert threads(server.pid) <= 2, threads(server.pid)
     for pid in server.worker_pids():
+        assert threads(pid) > threads(server.pid)
+
+
+def test_without_preload_the_master_never_maps_tensorflow(start_server, model_root):
+    srv = start_server({"TFWSGI_MODEL_NAME": "hp", "TFWSGI_MODEL_BASE_PATH": str(model_root / "hp"),
+                        "TFWSGI_PRELOAD_TENSORFLOW": "false"}, workers=1)
+    srv.wait_ready()
+    assert not [p for p in mapped_files(srv.pid) if "tensorflow" in p], "the master mapped TensorFlow"
+    for pid in srv.worker_pids():
         assert [p for p in mapped_files(pid) if "libtensorflow" in p], f"worker {pid} has no TF"
+    assert srv.post("/v1/models/hp:predict", json={"instances": [1.0]}).json() == {"predictions": [4.5]}
 
 
 def test_each_worker_loads_each_version_exactly_once(server):

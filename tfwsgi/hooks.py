@@ -89,6 +89,22 @@ def on_starting(server: Any) -> None:
         parse_servers(settings.memcached)
     for c in configs:
         server.log.info("tfwsgi: model %s from %s (%s)", c.name, c.base_path, c.policy.kind)
+    if settings.preload_tensorflow:
+        _import_tensorflow(server)
+
+
+def _import_tensorflow(server: Any) -> None:
+    """Import TensorFlow in the master so forked workers share its pages. Import only: a TF
+    runtime created before fork deadlocks the children, so nothing here may run an op."""
+    started = time.monotonic()
+    from tensorflow.python.eager import context
+
+    from . import servable  # noqa: F401  (TensorFlow, protobufs, our TF module)
+
+    if context.context()._initialized:  # pragma: no cover - would be a bug in this module
+        raise RuntimeError("TensorFlow's runtime was initialised in gunicorn's master")
+    server.log.info("tfwsgi: TensorFlow imported in the master in %.2fs (not initialised)",
+                    time.monotonic() - started)
 
 
 def _prepare_metrics_dir(settings: Settings) -> None:

@@ -99,6 +99,9 @@ SETTINGS: tuple[Setting, ...] = (
             "Replay `assets.extra/tf_serving_warmup_requests` before a version is AVAILABLE."),
     Setting("num_request_iterations_for_warmup", int, 1,
             "How many times each warmup record is replayed.", _positive),
+    Setting("preload_tensorflow", bool, True,
+            "Import (never run) TensorFlow in gunicorn's master before it forks, so every worker "
+            "shares its code pages instead of loading its own copy."),
     Setting("rest_api_port", int, 8501,
             "Port of the REST API when gunicorn's `-b/--bind` is not given "
             "(binds 0.0.0.0).", _port),

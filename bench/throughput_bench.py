@@ -96,13 +96,15 @@ class Peer:
         self.proc.wait(30)
 
 
-def run_case(name: str, work: Path, levels: list[int], duration: int) -> dict:
+def run_case(name: str, work: Path, levels: list[int], duration: int,
+             tfwsgi_args: tuple[str, ...] = ()) -> dict:
     model, shape = CASES[name]
     body = body_for(shape)
     body_file = work / f"{name}.json"
     body_file.write_text(body)
     srv = Server({"TFWSGI_MODEL_NAME": "m", "TFWSGI_MODEL_BASE_PATH": str(work / model),
-                  "TFWSGI_CACHE_ENABLED": "false"}, workers=2, log_path=work / f"tfwsgi-{name}.log")
+                  "TFWSGI_CACHE_ENABLED": "false"}, workers=2, log_path=work / f"tfwsgi-{name}.log",
+                 extra_args=tfwsgi_args)
     peer = Peer(work / model / "1", work / f"peer-{name}.log")
     try:
         srv.wait_ready()
@@ -156,6 +158,7 @@ def main() -> int:
     parser.add_argument("--duration", type=int, default=10)
     parser.add_argument("--concurrency", default="1,8,32,64")
     parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--tfwsgi-args", default="", help="extra gunicorn flags for tfwsgi")
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -165,12 +168,15 @@ def main() -> int:
         build_mlp(work / "mlp" / "1")
         build_conv(work / "conv" / "1")
         for name in args.cases.split(","):
-            results[name] = run_case(name, work, levels, args.duration)
+            results[name] = run_case(name, work, levels, args.duration,
+                                     tuple(args.tfwsgi_args.split()))
     lines = [
         "# Throughput benchmark",
         "",
         f"`.venv/bin/python bench/throughput_bench.py --duration {args.duration} --concurrency "
-        f"{args.concurrency} --cases {args.cases}` on {os.cpu_count()} cores. Both servers: gunicorn, "
+        f"{args.concurrency} --cases {args.cases}"
+        + (f" --tfwsgi-args '{args.tfwsgi_args}'" if args.tfwsgi_args else "")
+        + f"` on {os.cpu_count()} cores. Both servers: gunicorn, "
         "2 workers, loopback, wrk; tfwsgi with its cache off (the model runs for every request); "
         "the peer is bench/peers/plain_app.py.",
         "",

@@ -139,6 +139,15 @@ def test_corrupt_versions_are_reported_and_never_served(start_server, model_root
         (tmp / "saved_model.pb").unlink()
         os.rename(tmp, hp_base / "3")
         time.sleep(4)
+        # Fresh workers (a reload, a respawn) see only broken aspired versions: they fall back.
+        before = srv.worker_pids()
+        os.kill(srv.pid, signal.SIGHUP)
+        deadline = time.monotonic() + 60
+        while not (srv.worker_pids() and not srv.worker_pids() & before
+                   and len(set(srv.ready_pids()) & srv.worker_pids()) == 2):
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        time.sleep(1)
     assert load.failures() == Counter()
     assert {a for _, _, a in load.results} == {ANSWER[1]}
     status = {s["version"]: s for s in srv.get("/v1/models/hp").json()["model_version_status"]}

@@ -244,3 +244,17 @@ def test_status_shows_loading_while_a_version_loads(tmp_path):
     disk.add(2)
     mgr.reconcile()
     assert seen == [LOADING]
+
+
+def test_fresh_worker_falls_back_to_an_older_version_when_the_latest_is_broken(tmp_path):
+    disk = Disk(tmp_path / "m")
+    disk.add(1)
+    disk.add(2, good=False)
+    mgr = ModelManager([ModelConfig("m", str(disk.root))], disk.load, RetryPolicy(1, 0.0))
+    mgr.load_all()
+    assert mgr.servable("m").version == 1
+    assert mgr.status("m", 2)[0].state == END
+    # Once version 2 is fixed, a retry loads it and the fallback leaves.
+    (disk.root / "2" / "ok").write_text("1")
+    mgr.reconcile()
+    assert mgr.servable("m").version == 2 and mgr.status("m", 1)[0].state == END

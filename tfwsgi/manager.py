@@ -22,7 +22,7 @@ from typing import Any
 
 from .errors import InvalidArgument, NotFound, TFWSGIError
 from .settings import Settings
-from .source import ModelConfig, model_configs, scan_versions
+from .source import LATEST, ModelConfig, model_configs, scan_versions
 
 log = logging.getLogger("tfwsgi")
 
@@ -216,6 +216,22 @@ class ModelManager:
                   and state.attempts <= self._retry.max_retries
                   and now - state.last_attempt >= self._retry.interval_seconds):
                 self._load(entry, version, on_disk[version], attempts=state.attempts)
+        versions = entry.snapshot.versions
+        if (aspired and cfg.policy.kind == LATEST
+                and not any(s.state == AVAILABLE for s in versions.values())):
+            # Nothing to serve: every aspired version failed in this (perhaps fresh) worker. Load
+            # the newest older version that works, as the workers that had it keep serving it
+            # (only under "latest": a pinned policy names exactly what may serve).
+            for version in sorted(on_disk, reverse=True):
+                if version in aspired or version > aspired[0]:
+                    continue
+                state = versions.get(version)
+                if state is None or (state.state == END and not state.error_code):
+                    log.warning("tfwsgi: model %s: no aspired version loads, falling back to %d",
+                                cfg.name, version)
+                    self._load(entry, version, on_disk[version], attempts=0)
+                    if entry.snapshot.versions[version].state == AVAILABLE:
+                        break
         # Unload what is no longer aspired, but never the last available version of a model.
         versions = entry.snapshot.versions
         aspired_set = set(aspired)

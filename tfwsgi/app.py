@@ -9,9 +9,10 @@ from flask import Flask, Response, current_app, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from . import codec, metrics
+from .batching import Batcher, BatchingParameters, parse_batching_parameters
 from .cache import PredictionCache
 from .dataplane import DataPlane
-from .errors import TFWSGIError
+from .errors import ConfigError, TFWSGIError
 from .manager import ModelManager, manager_from_settings, watch
 from .settings import Settings, from_env
 
@@ -45,7 +46,7 @@ def create_app(manager: ModelManager | None = None, settings: Settings | None = 
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes + 1  # see api.Call.body
     app.url_map.merge_slashes = False
     cache = PredictionCache(settings, threads=threads)
-    app.extensions["tfwsgi"] = WorkerState(settings, DataPlane(manager, cache))
+    app.extensions["tfwsgi"] = WorkerState(settings, DataPlane(manager, cache, _batcher(settings)))
 
     from .api import bp
 
@@ -60,6 +61,20 @@ def create_app(manager: ModelManager | None = None, settings: Settings | None = 
     if settings.rest_api_enable_cors_support:
         app.after_request(_cors)
     return app
+
+
+def _batcher(settings: Settings) -> Batcher | None:
+    if not settings.enable_batching:
+        return None
+    params = BatchingParameters().validate()
+    if settings.batching_parameters_file:
+        path = settings.batching_parameters_file
+        try:
+            with open(path, encoding="utf-8") as f:
+                params = parse_batching_parameters(f.read(), origin=path)
+        except OSError as exc:
+            raise ConfigError(f"TFWSGI_BATCHING_PARAMETERS_FILE: cannot read {path}: {exc}") from None
+    return Batcher(params, on_batch=lambda rows, padded: metrics.BATCH_SIZE.observe(rows))
 
 
 def _live() -> Response:

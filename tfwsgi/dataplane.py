@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from . import metrics
+from .batching import Batcher
 from .cache import NORMAL, Outcome, PredictionCache, Tensors
 from .manager import ModelManager
 
@@ -17,9 +18,11 @@ DEFAULT_SIGNATURE = "serving_default"
 class DataPlane:
     """What every transport calls: predict, classify and regress on decoded tensors."""
 
-    def __init__(self, manager: ModelManager, cache: PredictionCache) -> None:
+    def __init__(self, manager: ModelManager, cache: PredictionCache,
+                 batcher: Batcher | None = None) -> None:
         self.manager = manager
         self.cache = cache
+        self.batcher = batcher
 
     def servable(self, name: str, version: int | None, label: str | None) -> Any:
         return self.manager.servable(name, version, label)
@@ -36,8 +39,16 @@ class DataPlane:
 
     def predict(self, servable: Any, signature: Any, inputs: Mapping[str, np.ndarray],
                 policy: str = NORMAL) -> tuple[Tensors, Outcome]:
-        return self._run(servable, signature.name, "predict", inputs,
-                         lambda: signature.run(inputs), policy)
+        batcher = self.batcher
+        if batcher is None:
+            def compute() -> Tensors:
+                return signature.run(inputs)
+        else:
+            key = (servable.name, servable.version, signature.name)
+
+            def compute() -> Tensors:
+                return batcher.run(key, inputs, signature.run)
+        return self._run(servable, signature.name, "predict", inputs, compute, policy)
 
     def classify(self, servable: Any, signature_name: str, examples: np.ndarray,
                  policy: str = NORMAL) -> tuple[Tensors, Outcome]:

@@ -9,7 +9,13 @@ from __future__ import annotations
 
 import os
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client import multiprocess as _multiprocess
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -28,6 +34,12 @@ MODEL_RUNS = Counter(
     "tfwsgi_model_runs_total",
     "Times a servable's signature was run (cache hits do not run it).",
     ["model_name", "version", "signature_name", "method"])
+
+
+BATCH_SIZE = Histogram(
+    "tfwsgi_batch_size",
+    "Rows in each batch the dynamic batcher ran (before padding).",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024))
 
 
 def render() -> tuple[bytes, str]:

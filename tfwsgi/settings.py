@@ -99,6 +99,13 @@ SETTINGS: tuple[Setting, ...] = (
             "Replay `assets.extra/tf_serving_warmup_requests` before a version is AVAILABLE."),
     Setting("num_request_iterations_for_warmup", int, 1,
             "How many times each warmup record is replayed.", _positive),
+    Setting("enable_batching", bool, False,
+            "Merge concurrent requests on the same signature into one run (useful with threaded "
+            "workers: `-k gthread --threads N`)."),
+    Setting("batching_parameters_file", str, "",
+            "TF Serving's batching parameters text file (`max_batch_size { value: 32 }`, "
+            "`batch_timeout_micros`, `max_enqueued_batches`, `num_batch_threads`, "
+            "`allowed_batch_sizes`); empty: TF Serving's defaults."),
     Setting("preload_tensorflow", bool, True,
             "Import (never run) TensorFlow in gunicorn's master before it forks, so every worker "
             "shares its code pages instead of loading its own copy."),

@@ -1,0 +1,138 @@
+"""Unit tests of the dynamic batcher's merge, pad, split, fan-out and admission (fake model)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from tfwsgi.batching import Batcher, BatchingParameters, parse_batching_parameters
+from tfwsgi.errors import ConfigError, InvalidArgument, TFWSGIError, Unavailable
+
+
+class Model:
+    """Doubles x; records every batch it is given."""
+
+    def __init__(self, delay: float = 0.0, fail: bool = False, scalar_out: bool = False) -> None:
+        self.batches: list[int] = []
+        self.delay, self.fail, self.scalar_out = delay, fail, scalar_out
+
+    def __call__(self, inputs):  # noqa: ANN001, ANN204
+        self.batches.append(inputs["x"].shape[0])
+        time.sleep(self.delay)
+        if self.fail:
+            raise InvalidArgument("model says no")
+        if self.scalar_out:
+            return {"y": np.float32(1.0) * np.ones(())}
+        return {"y": inputs["x"] * 2}
+
+
+def concurrently(batcher, model, inputs_list, key="k"):  # noqa: ANN001, ANN201
+    results: list = [None] * len(inputs_list)
+    errors: list = [None] * len(inputs_list)
+    barrier = threading.Barrier(len(inputs_list))
+
+    def call(i):  # noqa: ANN001, ANN202
+        barrier.wait()
+        try:
+            results[i] = batcher.run(key, inputs_list[i], model)
+        except Exception as exc:
+            errors[i] = exc
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(inputs_list))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    return results, errors
+
+
+def rows(n, start=0):  # noqa: ANN001, ANN201
+    return {"x": np.arange(start, start + n, dtype=np.float32).reshape(n, 1)}
+
+
+def test_concurrent_requests_run_as_one_batch_and_get_their_own_rows():
+    b = Batcher(BatchingParameters(max_batch_size=64, batch_timeout_micros=200_000))
+    model = Model()
+    inputs = [rows(i + 1, start=10 * i) for i in range(6)]
+    results, errors = concurrently(b, model, inputs)
+    assert errors == [None] * 6
+    for inp, res in zip(inputs, results, strict=True):
+        assert np.array_equal(res["y"], inp["x"] * 2)
+    assert sum(model.batches) == 21 and len(model.batches) < 6
+
+
+def test_batches_never_exceed_max_batch_size():
+    b = Batcher(BatchingParameters(max_batch_size=4, batch_timeout_micros=100_000))
+    model = Model()
+    results, errors = concurrently(b, model, [rows(1, i) for i in range(10)])
+    assert errors == [None] * 10 and max(model.batches) <= 4 and sum(model.batches) == 10
+
+
+def test_padding_to_allowed_sizes_is_invisible_to_callers():
+    b = Batcher(BatchingParameters(max_batch_size=8, batch_timeout_micros=0, allowed_batch_sizes=(4, 8)))
+    model = Model()
+    out = b.run("k", rows(3), model)
+    assert model.batches == [4] and out["y"].shape == (3, 1)
+    assert np.array_equal(out["y"], rows(3)["x"] * 2)
+
+
+def test_a_failed_batch_fails_every_waiter():
+    b = Batcher(BatchingParameters(max_batch_size=64, batch_timeout_micros=200_000))
+    _, errors = concurrently(b, Model(fail=True), [rows(1, i) for i in range(4)])
+    assert [str(e) for e in errors] == ["model says no"] * 4
+
+
+def test_outputs_without_a_batch_dimension_are_an_error_for_all():
+    b = Batcher(BatchingParameters(max_batch_size=64, batch_timeout_micros=200_000))
+    _, errors = concurrently(b, Model(scalar_out=True), [rows(1, i) for i in range(3)])
+    assert all(isinstance(e, TFWSGIError) and "cannot be batched" in str(e) for e in errors)
+
+
+def test_oversize_task_and_full_queue():
+    b = Batcher(BatchingParameters(max_batch_size=2, batch_timeout_micros=0, max_enqueued_batches=1))
+    with pytest.raises(InvalidArgument, match="Task size 3 is larger than maximum input batch size 2"):
+        b.run("k", rows(3), Model())
+    slow = Model(delay=0.5)
+    _, errors = concurrently(b, slow, [rows(1, i) for i in range(8)])
+    full = [e for e in errors if isinstance(e, Unavailable)]
+    assert full and all("queue" in str(e) for e in full)
+    assert all(e is None or isinstance(e, Unavailable) for e in errors)
+
+
+def test_different_shapes_and_signatures_are_not_merged():
+    b = Batcher(BatchingParameters(max_batch_size=64, batch_timeout_micros=100_000))
+    model = Model()
+    wide = {"x": np.ones((1, 3), np.float32)}
+    results, errors = concurrently(b, model, [rows(1), wide])
+    assert errors == [None, None] and sorted(model.batches) == [1, 1]
+    assert results[1]["y"].shape == (1, 3)
+
+
+def test_scalars_run_directly():
+    b = Batcher(BatchingParameters())
+    model = Model()
+    out = b.run("k", {"x": np.float32(2.0) * np.ones(())}, lambda i: {"y": i["x"] + 1})
+    assert out["y"] == 3.0 and model.batches == []
+
+
+def test_parse_batching_parameters():
+    p = parse_batching_parameters("""
+        max_batch_size { value: 32 }
+        batch_timeout_micros { value: 2000 }
+        max_enqueued_batches { value: 100 }
+        num_batch_threads { value: 2 }
+        allowed_batch_sizes: 8
+        allowed_batch_sizes: 32
+    """)
+    assert p == BatchingParameters(32, 2000, 100, 2, (8, 32), False)
+    assert parse_batching_parameters("") == BatchingParameters()
+    for bad, match in [("max_batch_size: 3", "Expected"),
+                       ("max_batch_size { value: 32 } allowed_batch_sizes: 16", "must equal max_batch_size"),
+                       ("max_batch_size { value: 0 }", "> 0"),
+                       ("pad_variable_length_inputs: true", "not supported"),
+                       ("enable_large_batch_splitting { value: true }", "not supported")]:
+        with pytest.raises(ConfigError, match=match):
+            parse_batching_parameters(bad)

@@ -1,0 +1,248 @@
+"""In-worker dynamic batching with TF Serving's parameters: merge concurrent requests, run once, split.
+
+Requests on the same signature that arrive within ``batch_timeout_micros`` of each other are
+concatenated along the 0th dimension (up to ``max_batch_size`` rows, padded up to the next of
+``allowed_batch_sizes``), run once, and each gets its own rows back; if the run fails, every
+waiter gets the error. When ``max_enqueued_batches`` batches are already waiting, a request is
+refused as TF Serving refuses it (UNAVAILABLE, 503). Batching helps when a worker has several
+requests in flight at once, i.e. with threaded workers (``-k gthread --threads N``).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .errors import ConfigError, InvalidArgument, TFWSGIError, Unavailable
+
+Tensors = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class BatchingParameters:
+    """TF Serving's ``BatchingParameters`` (session_bundle_config.proto), with its defaults."""
+
+    max_batch_size: int = 1000
+    batch_timeout_micros: int = 0
+    max_enqueued_batches: int = 10
+    num_batch_threads: int = 1
+    allowed_batch_sizes: tuple[int, ...] = ()
+    pad_variable_length_inputs: bool = False
+
+    def validate(self) -> BatchingParameters:
+        if self.max_batch_size <= 0:
+            raise ConfigError("batching: max_batch_size must be > 0")
+        if self.batch_timeout_micros < 0 or self.max_enqueued_batches <= 0 or self.num_batch_threads <= 0:
+            raise ConfigError("batching: batch_timeout_micros must be >= 0, max_enqueued_batches and "
+                              "num_batch_threads > 0")
+        sizes = self.allowed_batch_sizes
+        if sizes:
+            if list(sizes) != sorted(set(sizes)) or sizes[0] <= 0:
+                raise ConfigError("batching: allowed_batch_sizes must be positive and increasing")
+            if sizes[-1] != self.max_batch_size:
+                raise ConfigError("batching: the last allowed_batch_sizes entry must equal max_batch_size")
+        if self.pad_variable_length_inputs:
+            raise ConfigError("batching: pad_variable_length_inputs is not supported yet")
+        return self
+
+
+def _message_class() -> Any:
+    """BatchingParameters as a protobuf message (TF Serving's fields and wrapper types), so the
+    file is read by protobuf's own text-format parser. tensorflow-serving-api does not ship it."""
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, wrappers_pb2
+
+    pool = descriptor_pool.DescriptorPool()
+    pool.AddSerializedFile(wrappers_pb2.DESCRIPTOR.serialized_pb)
+    f = descriptor_pb2.FileDescriptorProto(name="tfwsgi_batching.proto", package="tensorflow.serving",
+                                           dependency=["google/protobuf/wrappers.proto"])
+    m = f.message_type.add(name="BatchingParameters")
+    fields = [("max_batch_size", 1, ".google.protobuf.Int64Value"),
+              ("batch_timeout_micros", 2, ".google.protobuf.Int64Value"),
+              ("max_enqueued_batches", 3, ".google.protobuf.Int64Value"),
+              ("num_batch_threads", 4, ".google.protobuf.Int64Value"),
+              ("thread_pool_name", 5, ".google.protobuf.StringValue"),
+              ("allowed_batch_sizes", 6, None),
+              ("pad_variable_length_inputs", 7, None),
+              ("enable_large_batch_splitting", 8, ".google.protobuf.BoolValue")]
+    T = descriptor_pb2.FieldDescriptorProto
+    for name, number, type_name in fields:
+        fd = m.field.add(name=name, number=number)
+        if type_name:
+            fd.type, fd.type_name, fd.label = T.TYPE_MESSAGE, type_name, T.LABEL_OPTIONAL
+        elif name == "allowed_batch_sizes":
+            fd.type, fd.label = T.TYPE_INT64, T.LABEL_REPEATED
+        else:
+            fd.type, fd.label = T.TYPE_BOOL, T.LABEL_OPTIONAL
+    pool.Add(f)
+    descriptor = pool.FindMessageTypeByName("tensorflow.serving.BatchingParameters")
+    return message_factory.GetMessageClass(descriptor)
+
+
+def parse_batching_parameters(text: str, origin: str = "<batching>") -> BatchingParameters:
+    """Read TF Serving's batching parameters text format (``max_batch_size { value: 32 }`` …)."""
+    from google.protobuf import text_format
+
+    msg = _message_class()()
+    try:
+        text_format.Parse(text, msg)
+    except text_format.ParseError as exc:
+        raise ConfigError(f"{origin}: {exc}") from None
+    if msg.HasField("enable_large_batch_splitting") and msg.enable_large_batch_splitting.value:
+        raise ConfigError(f"{origin}: enable_large_batch_splitting is not supported yet")
+    defaults = BatchingParameters()
+    values: dict[str, Any] = {}
+    for name in ("max_batch_size", "batch_timeout_micros", "max_enqueued_batches", "num_batch_threads"):
+        values[name] = getattr(msg, name).value if msg.HasField(name) else getattr(defaults, name)
+    values["allowed_batch_sizes"] = tuple(msg.allowed_batch_sizes)
+    values["pad_variable_length_inputs"] = msg.pad_variable_length_inputs
+    return BatchingParameters(**values).validate()
+
+
+@dataclass
+class _Task:
+    inputs: Mapping[str, np.ndarray]
+    rows: int
+    shape_key: tuple
+    done: threading.Event = field(default_factory=threading.Event)
+    result: Tensors | None = None
+    error: BaseException | None = None
+
+
+class _Queue:
+    """The tasks waiting for one signature, and the function that runs a merged batch."""
+
+    def __init__(self, run: Callable[[Mapping[str, np.ndarray]], Tensors]) -> None:
+        self.run = run
+        self.tasks: deque[_Task] = deque()
+        self.rows = 0
+
+
+class Batcher:
+    """One per worker: a queue per signature, ``num_batch_threads`` threads that run batches."""
+
+    def __init__(self, params: BatchingParameters,
+                 on_batch: Callable[[int, int], None] | None = None) -> None:
+        self.params = params
+        self._queues: dict[Any, _Queue] = {}
+        self._cond = threading.Condition()
+        self._on_batch = on_batch  # (rows, padded rows) of each batch run
+        self._threads = [threading.Thread(target=self._loop, name=f"tfwsgi-batch-{i}", daemon=True)
+                         for i in range(params.num_batch_threads)]
+        for t in self._threads:
+            t.start()
+
+    def run(self, key: Any, inputs: Mapping[str, np.ndarray],
+            run: Callable[[Mapping[str, np.ndarray]], Tensors]) -> Tensors:
+        """Run ``inputs`` as part of a batch of concurrent requests on the same ``key``."""
+        rows = {a.shape[0] if a.ndim else -1 for a in inputs.values()}
+        if len(rows) != 1 or -1 in rows:
+            return run(inputs)  # scalars or ragged batch dimensions: nothing to merge on
+        n = rows.pop()
+        if n > self.params.max_batch_size:
+            raise InvalidArgument(
+                f"Task size {n} is larger than maximum input batch size {self.params.max_batch_size}")
+        task = _Task(inputs, n, tuple(sorted((k, a.dtype.str, a.shape[1:]) for k, a in inputs.items())))
+        limit = self.params.max_enqueued_batches * self.params.max_batch_size
+        with self._cond:
+            queue = self._queues.get(key)
+            if queue is None:
+                queue = self._queues[key] = _Queue(run)
+            if queue.rows + n > limit:
+                raise Unavailable("The batch scheduling queue to which this task was submitted is full")
+            queue.tasks.append(task)
+            queue.rows += n
+            self._cond.notify()
+        task.done.wait()
+        if task.error is not None:
+            raise task.error
+        assert task.result is not None
+        return task.result
+
+    def _take(self) -> tuple[_Queue, list[_Task]]:
+        """Wait for work, then for a full batch or the timeout of its oldest task."""
+        timeout = self.params.batch_timeout_micros / 1e6
+        with self._cond:
+            while True:
+                ready = [q for q in self._queues.values() if q.tasks]
+                if not ready:
+                    self._cond.wait()
+                    continue
+                queue = ready[0]
+                deadline = time.monotonic() + timeout
+                while queue.tasks and queue.rows < self.params.max_batch_size:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+                if not queue.tasks:  # another batch thread took them
+                    continue
+                first = queue.tasks[0]
+                batch, rows = [], 0
+                for task in list(queue.tasks):
+                    if task.shape_key != first.shape_key:
+                        continue  # a different shape waits for a batch of its own
+                    if rows + task.rows > self.params.max_batch_size:
+                        break
+                    batch.append(task)
+                    rows += task.rows
+                for task in batch:
+                    queue.tasks.remove(task)
+                queue.rows -= rows
+                # Fairness between signatures: this queue goes to the back.
+                for k, q in list(self._queues.items()):
+                    if q is queue:
+                        self._queues[k] = self._queues.pop(k)
+                        break
+                return queue, batch
+
+    def _loop(self) -> None:
+        while True:
+            queue, batch = self._take()
+            try:
+                self._run_batch(queue, batch)
+            except BaseException as exc:  # fan the failure out to every waiter
+                for task in batch:
+                    task.error = exc
+            finally:
+                for task in batch:
+                    task.done.set()
+
+    def _padded(self, rows: int) -> int:
+        for size in self.params.allowed_batch_sizes:
+            if size >= rows:
+                return size
+        return rows
+
+    def _run_batch(self, queue: _Queue, batch: list[_Task]) -> None:
+        if len(batch) == 1 and not self.params.allowed_batch_sizes:
+            batch[0].result = queue.run(batch[0].inputs)
+            if self._on_batch:
+                self._on_batch(batch[0].rows, batch[0].rows)
+            return
+        rows = sum(t.rows for t in batch)
+        padded = self._padded(rows)
+        merged = {}
+        for name in batch[0].inputs:
+            parts = [t.inputs[name] for t in batch]
+            if padded > rows:  # repeat the last row, as TF Serving pads
+                last = parts[-1][-1:]
+                parts.append(np.repeat(last, padded - rows, axis=0))
+            merged[name] = np.concatenate(parts, axis=0)
+        outputs = queue.run(merged)
+        for name, out in outputs.items():
+            if out.ndim == 0 or out.shape[0] != padded:
+                raise TFWSGIError(
+                    f"Batched output {name} has shape {list(out.shape)}, expected {padded} rows: "
+                    "this signature cannot be batched", 3)
+        if self._on_batch:
+            self._on_batch(rows, padded)
+        start = 0
+        for task in batch:
+            task.result = {name: out[start:start + task.rows] for name, out in outputs.items()}
+            start += task.rows

@@ -97,14 +97,14 @@ class Peer:
 
 
 def run_case(name: str, work: Path, levels: list[int], duration: int,
-             tfwsgi_args: tuple[str, ...] = ()) -> dict:
+             tfwsgi_args: tuple[str, ...] = (), tfwsgi_env: dict[str, str] | None = None) -> dict:
     model, shape = CASES[name]
     body = body_for(shape)
     body_file = work / f"{name}.json"
     body_file.write_text(body)
-    srv = Server({"TFWSGI_MODEL_NAME": "m", "TFWSGI_MODEL_BASE_PATH": str(work / model),
-                  "TFWSGI_CACHE_ENABLED": "false"}, workers=2, log_path=work / f"tfwsgi-{name}.log",
-                 extra_args=tfwsgi_args)
+    env = {"TFWSGI_MODEL_NAME": "m", "TFWSGI_MODEL_BASE_PATH": str(work / model),
+           "TFWSGI_CACHE_ENABLED": "false", **(tfwsgi_env or {})}
+    srv = Server(env, workers=2, log_path=work / f"tfwsgi-{name}.log", extra_args=tfwsgi_args)
     peer = Peer(work / model / "1", work / f"peer-{name}.log")
     try:
         srv.wait_ready()
@@ -159,6 +159,7 @@ def main() -> int:
     parser.add_argument("--concurrency", default="1,8,32,64")
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--tfwsgi-args", default="", help="extra gunicorn flags for tfwsgi")
+    parser.add_argument("--tfwsgi-env", default="", help="TFWSGI_*=value settings for tfwsgi, space-separated")
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -168,14 +169,16 @@ def main() -> int:
         build_mlp(work / "mlp" / "1")
         build_conv(work / "conv" / "1")
         for name in args.cases.split(","):
+            env = dict(kv.split("=", 1) for kv in args.tfwsgi_env.split())
             results[name] = run_case(name, work, levels, args.duration,
-                                     tuple(args.tfwsgi_args.split()))
+                                     tuple(args.tfwsgi_args.split()), env)
     lines = [
         "# Throughput benchmark",
         "",
         f"`.venv/bin/python bench/throughput_bench.py --duration {args.duration} --concurrency "
         f"{args.concurrency} --cases {args.cases}"
         + (f" --tfwsgi-args '{args.tfwsgi_args}'" if args.tfwsgi_args else "")
+        + (f" --tfwsgi-env '{args.tfwsgi_env}'" if args.tfwsgi_env else "")
         + f"` on {os.cpu_count()} cores. Both servers: gunicorn, "
         "2 workers, loopback, wrk; tfwsgi with its cache off (the model runs for every request); "
         "the peer is bench/peers/plain_app.py.",

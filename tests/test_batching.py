@@ -19,7 +19,7 @@ class Model:
         self.batches: list[int] = []
         self.delay, self.fail, self.scalar_out = delay, fail, scalar_out
 
-    def __call__(self, inputs):  # noqa: ANN001, ANN204
+    def __call__(self, inputs):
         self.batches.append(inputs["x"].shape[0])
         time.sleep(self.delay)
         if self.fail:
@@ -29,12 +29,12 @@ class Model:
         return {"y": inputs["x"] * 2}
 
 
-def concurrently(batcher, model, inputs_list, key="k"):  # noqa: ANN001, ANN201
+def concurrently(batcher, model, inputs_list, key="k"):
     results: list = [None] * len(inputs_list)
     errors: list = [None] * len(inputs_list)
     barrier = threading.Barrier(len(inputs_list))
 
-    def call(i):  # noqa: ANN001, ANN202
+    def call(i):
         barrier.wait()
         try:
             results[i] = batcher.run(key, inputs_list[i], model)
@@ -49,7 +49,7 @@ def concurrently(batcher, model, inputs_list, key="k"):  # noqa: ANN001, ANN201
     return results, errors
 
 
-def rows(n, start=0):  # noqa: ANN001, ANN201
+def rows(n, start=0):
     return {"x": np.arange(start, start + n, dtype=np.float32).reshape(n, 1)}
 
 
@@ -67,7 +67,7 @@ def test_concurrent_requests_run_as_one_batch_and_get_their_own_rows():
 def test_batches_never_exceed_max_batch_size():
     b = Batcher(BatchingParameters(max_batch_size=4, batch_timeout_micros=100_000))
     model = Model()
-    results, errors = concurrently(b, model, [rows(1, i) for i in range(10)])
+    _results, errors = concurrently(b, model, [rows(1, i) for i in range(10)])
     assert errors == [None] * 10 and max(model.batches) <= 4 and sum(model.batches) == 10
 
 

@@ -159,7 +159,8 @@ def main() -> int:
     parser.add_argument("--concurrency", default="1,8,32,64")
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--tfwsgi-args", default="", help="extra gunicorn flags for tfwsgi")
-    parser.add_argument("--tfwsgi-env", default="", help="TFWSGI_*=value settings for tfwsgi, space-separated")
+    parser.add_argument("--tfwsgi-env", default="",
+                        help="TFWSGI_*=value settings for tfwsgi, space-separated")
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

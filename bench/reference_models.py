@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import Any
 
 
-def build_mlp(path: Path, seed: int = 0) -> None:
-    """MLP 784→512→512→10 (the "mlp" rows), signature x [None, 784] → y [None, 10]."""
+def build_mlp(path: Path, seed: int = 0, hidden: int = 512) -> None:
+    """MLP 784→hidden→hidden→10 (512: the "mlp" rows), signature x [None, 784] → y [None, 10]."""
     import numpy as np
     import tensorflow as tf
 
@@ -19,9 +19,9 @@ def build_mlp(path: Path, seed: int = 0) -> None:
     class MLP(tf.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.w1, self.b1 = w(784, 512), w(512)
-            self.w2, self.b2 = w(512, 512), w(512)
-            self.w3, self.b3 = w(512, 10), w(10)
+            self.w1, self.b1 = w(784, hidden), w(hidden)
+            self.w2, self.b2 = w(hidden, hidden), w(hidden)
+            self.w3, self.b3 = w(hidden, 10), w(10)
 
         @tf.function(input_signature=[tf.TensorSpec([None, 784], tf.float32, name="x")])
         def serve(self, x: Any) -> Any:

@@ -28,31 +28,11 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
+sys.path.insert(0, str(ROOT / "bench"))
+
+from reference_models import build_mlp  # noqa: E402
+
 from conftest import Server  # noqa: E402
-
-
-def build_mlp(path: Path, hidden: int, seed: int) -> None:
-    """An MLP 784→hidden→hidden→10 (float32), saved with tf.saved_model.save."""
-    import tensorflow as tf
-
-    rng = np.random.default_rng(seed)
-
-    def w(*shape: int) -> tf.Variable:
-        return tf.Variable(rng.normal(0, 0.05, size=shape).astype("float32"))
-
-    class MLP(tf.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.w1, self.w2, self.w3 = w(784, hidden), w(hidden, hidden), w(hidden, 10)
-
-        @tf.function(input_signature=[tf.TensorSpec([None, 784], tf.float32, name="x")])
-        def serve(self, x: tf.Tensor) -> dict:
-            h = tf.nn.relu(x @ self.w1)
-            h = tf.nn.relu(h @ self.w2)
-            return {"y": tf.nn.softmax(h @ self.w3)}
-
-    m = MLP()
-    tf.saved_model.save(m, str(path), signatures={"serving_default": m.serve})
 
 
 def pss_kb(pid: int) -> int:
@@ -174,8 +154,8 @@ def main() -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     with tempfile.TemporaryDirectory(prefix="tfwsgi-swap-") as tmp:
         work = Path(tmp)
-        build_mlp(work / "v1", args.hidden, seed=1)
-        build_mlp(work / "v2", args.hidden, seed=2)
+        build_mlp(work / "v1", seed=1, hidden=args.hidden)
+        build_mlp(work / "v2", seed=2, hidden=args.hidden)
         size_mb = sum(f.stat().st_size for f in (work / "v1").rglob("*") if f.is_file()) / 2**20
         rows = [run(m, work, args.clients) for m in ("watcher", "sighup")]
     lines = [

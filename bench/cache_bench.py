@@ -172,7 +172,7 @@ def main() -> int:
         f"| {bad['tfwsgi']} |",
         f"| bare Flask route, one memcached get | {med['peer']:.0f} | {p99['peer']:.1f} | {bad['peer']} |",
         "",
-        f"**Ratio tfwsgi / bare: {ratio:.2f}** (target ≥ 0.9). Model runs during the tfwsgi load: "
+        f"**Ratio tfwsgi / bare: {ratio:.3f}** (target ≥ 0.9). Model runs during the tfwsgi load: "
         f"{t['model_runs_during_load']:.0f}; cache hits: {t['hits']:.0f}.",
         "",
         "Stampede: 16 identical concurrent requests for an uncached ~0.15 s prediction, spread over two "

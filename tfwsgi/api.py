@@ -30,10 +30,10 @@ METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
 
 def json_response(body: bytes, status: int = 200, outcome: Outcome | None = None) -> Response:
-    headers = [("Content-Type", "application/json")]
+    resp = Response(body, status=status, content_type="application/json")
     if outcome is not None:
-        headers.append(("Cache-Status", outcome.header()))
-    return Response(body, status=status, headers=headers)
+        resp.headers["Cache-Status"] = outcome.header()
+    return resp
 
 
 @dataclass

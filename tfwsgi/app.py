@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 from flask import Flask, Response, current_app, request
+from flask.sessions import NullSession, SessionInterface, SessionMixin
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from . import codec, metrics
@@ -21,6 +23,19 @@ log = logging.getLogger("tfwsgi")
 # How much of an oversize body is read and dropped before answering 413, so that the client
 # reads the answer instead of a connection reset.
 _DRAIN_LIMIT = 256 * 1024 * 1024
+
+
+class _NoSessions(SessionInterface):
+    """tfwsgi keeps no sessions: every request shares one null session and nothing is saved
+    (Flask's default builds and checks a new one per request)."""
+
+    _null = NullSession()
+
+    def open_session(self, app: Flask, request: Any) -> SessionMixin:
+        return self._null
+
+    def save_session(self, app: Flask, session: SessionMixin, response: Any) -> None:
+        return None
 
 
 @dataclass
@@ -43,6 +58,7 @@ def create_app(manager: ModelManager | None = None, settings: Settings | None = 
         watch(manager, settings)
 
     app = Flask("tfwsgi")
+    app.session_interface = _NoSessions()
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes + 1  # see api.Call.body
     app.url_map.merge_slashes = False
     cache = PredictionCache(settings, threads=threads)

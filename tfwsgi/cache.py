@@ -57,27 +57,22 @@ _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 
 
-def _framed(parts: list[bytes], data: bytes) -> None:
-    parts.append(_U64.pack(len(data)))
-    parts.append(data)
-
-
 def digest(model: str, version: int, signature: str, method: str, inputs: Mapping[str, np.ndarray],
            output_filter: str = "") -> bytes:
-    """The 32-byte SHA-256 that names one prediction (every field length-prefixed)."""
-    parts: list[bytes] = [_KEY_DOMAIN]
-    for text in (model, str(version), signature, method, output_filter):
-        _framed(parts, text.encode("utf-8"))
+    """The 32-byte SHA-256 that names one prediction. Every field is framed by its length, so no
+    two different requests can run together into the same bytes."""
+    head = [t.encode("utf-8") for t in (model, str(version), signature, method, output_filter)]
+    parts: list[bytes] = [_KEY_DOMAIN, struct.pack("<5Q", *map(len, head)), *head]
     for name in sorted(inputs):
         arr = inputs[name]
-        _framed(parts, name.encode("utf-8"))
-        _framed(parts, arr.dtype.str.encode("ascii"))
-        _framed(parts, struct.pack(f"<{arr.ndim}Q", *arr.shape))
+        name_b, dtype_b = name.encode("utf-8"), arr.dtype.str.encode("ascii")
         if arr.dtype.kind == "O":
-            for item in arr.reshape(-1):
-                _framed(parts, item if isinstance(item, bytes) else str(item).encode("utf-8"))
+            items = [x if isinstance(x, bytes) else str(x).encode("utf-8") for x in arr.reshape(-1)]
+            data = struct.pack(f"<{len(items)}Q", *map(len, items)) + b"".join(items)
         else:
-            _framed(parts, np.ascontiguousarray(arr).tobytes())
+            data = arr.tobytes()  # C order, whatever the layout
+        parts += [struct.pack(f"<4Q{arr.ndim}Q", len(name_b), len(dtype_b), arr.ndim, len(data), *arr.shape),
+                  name_b, dtype_b, data]
     return hashlib.sha256(b"".join(parts)).digest()
 
 

@@ -391,7 +391,9 @@ def jsonable(name: str, arr: np.ndarray) -> Any:
     if kind == "f":
         if arr.dtype not in _JSON_FLOATS:
             arr = arr.astype(np.float32)  # bfloat16 and friends
-        if not np.isfinite(arr).all():
+        # One reduction: a NaN or an infinity makes the sum non-finite (so may a huge sum of
+        # finite values, which then takes the slow path, still correctly).
+        if not np.isfinite(arr.sum()):
             return _with_nonfinite(arr)
     if arr.ndim == 0:
         return arr[()]

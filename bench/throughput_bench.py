@@ -17,6 +17,7 @@ import json
 import os
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -130,6 +131,43 @@ def run_case(name: str, work: Path, levels: list[int], duration: int,
         peer.stop()
 
 
+def soak(work: Path, seconds: int, tfwsgi_args: tuple[str, ...], tfwsgi_env: dict[str, str]) -> dict:
+    """mlp-1 at about 80% of its peak rate for ``seconds``: worker PSS over time, errors."""
+    body = body_for(CASES["mlp-1"][1])
+    body_file = work / "soak.json"
+    body_file.write_text(body)
+    env = {"TFWSGI_MODEL_NAME": "m", "TFWSGI_MODEL_BASE_PATH": str(work / "mlp"),
+           "TFWSGI_CACHE_ENABLED": "false", **tfwsgi_env}
+    srv = Server(env, workers=2, log_path=work / "tfwsgi-soak.log", extra_args=tfwsgi_args)
+    try:
+        srv.wait_ready()
+        url = srv.url + "/v1/models/m:predict"
+        peak = wrk(url, body_file, 32, 10)["rps"]
+        rate = int(peak * 0.8)
+        script = body_file.with_suffix(".lua")  # written by wrk() above
+        samples: list[tuple[float, float]] = []
+        started = time.monotonic()
+        # wrk2 is not packaged: hold 80% with wrk's -R-less mode by fewer connections, measured.
+        conns = 4
+        proc = subprocess.Popen(["wrk", "-t2", f"-c{conns}", f"-d{seconds}s", "--latency", "-s", str(script),
+                                 url], stdout=subprocess.PIPE, text=True)
+        while proc.poll() is None:
+            samples.append((time.monotonic() - started,
+                            max(pss_kb(p) for p in srv.worker_pids()) / 1024))
+            time.sleep(5)
+        out = proc.stdout.read() if proc.stdout else ""
+        rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+        bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+        sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+        errors = (int(bad.group(1)) if bad else 0) + (sum(map(int, sock.groups())) if sock else 0)
+        first = statistics.mean(m for t, m in samples[:3])
+        last = statistics.mean(m for t, m in samples[-3:])
+        return {"peak_rps": peak, "target_rps": rate, "rps": rps, "errors": errors,
+                "pss_first_mb": first, "pss_last_mb": last, "samples": samples, "connections": conns}
+    finally:
+        srv.stop()
+
+
 def plot(results: dict, levels: list[int], path: Path) -> None:
     import matplotlib
 
@@ -159,6 +197,8 @@ def main() -> int:
     parser.add_argument("--concurrency", default="1,8,32,64")
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--tfwsgi-args", default="", help="extra gunicorn flags for tfwsgi")
+    parser.add_argument("--soak-seconds", type=int, default=0,
+                        help="also run mlp-1 this long at reduced load and track worker memory")
     parser.add_argument("--tfwsgi-env", default="",
                         help="TFWSGI_*=value settings for tfwsgi, space-separated")
     args = parser.parse_args()
@@ -169,10 +209,12 @@ def main() -> int:
         work = Path(tmp)
         build_mlp(work / "mlp" / "1")
         build_conv(work / "conv" / "1")
+        env = dict(kv.split("=", 1) for kv in args.tfwsgi_env.split())
         for name in args.cases.split(","):
-            env = dict(kv.split("=", 1) for kv in args.tfwsgi_env.split())
             results[name] = run_case(name, work, levels, args.duration,
                                      tuple(args.tfwsgi_args.split()), env)
+        soaked = soak(work, args.soak_seconds, tuple(args.tfwsgi_args.split()), env) \
+            if args.soak_seconds else None
     lines = [
         "# Throughput benchmark",
         "",
@@ -196,6 +238,13 @@ def main() -> int:
     for name, res in results.items():
         m = res["pss_mb"]
         lines.append(f"| {name} | {m['tfwsgi']:.0f} | {m['peer']:.0f} | {m['tfwsgi'] / m['peer']:.2f} |")
+    if soaked:
+        drift = (soaked["pss_last_mb"] / soaked["pss_first_mb"] - 1) * 100
+        lines += ["", f"Soak: mlp-1 for {args.soak_seconds} s with {soaked['connections']} connections, "
+                  f"{soaked['rps']:.0f} req/s ({soaked['rps'] / soaked['peak_rps'] * 100:.0f}% of the "
+                  f"{soaked['peak_rps']:.0f} req/s peak at 32), {soaked['errors']} errors; worker PSS "
+                  f"{soaked['pss_first_mb']:.1f} MB at the start, {soaked['pss_last_mb']:.1f} MB at the "
+                  f"end ({drift:+.1f}%)."]
     lines += ["", "![throughput and p99 against concurrency](throughput-benchmark.png)"]
     text = "\n".join(lines) + "\n"
     print(text)

@@ -258,6 +258,18 @@ def test_compute_errors_propagate_and_are_not_cached():
     assert not o.hit
 
 
+def start_blocked(n: int, target, gate: threading.Event) -> None:
+    """Start ``n`` threads running ``target`` while the computation waits on ``gate``; let it go
+    once they are all in, and wait for them."""
+    threads = [threading.Thread(target=target) for _ in range(n)]
+    for t in threads:
+        t.start()
+    time.sleep(0.3)
+    gate.set()
+    for t in threads:
+        t.join(10)
+
+
 def test_single_flight_computes_once_for_concurrent_identical_misses():
     c = make()
     calls = []
@@ -269,14 +281,7 @@ def test_single_flight_computes_once_for_concurrent_identical_misses():
         return {"y": np.array([1.0], F32)}
 
     results = []
-    threads = [threading.Thread(target=lambda: results.append(
-        c.get_or_compute("m", 1, "s", "predict", X, slow))) for _ in range(8)]
-    for t in threads:
-        t.start()
-    time.sleep(0.3)
-    gate.set()
-    for t in threads:
-        t.join(10)
+    start_blocked(8, lambda: results.append(c.get_or_compute("m", 1, "s", "predict", X, slow)), gate)
     assert len(calls) == 1 and len(results) == 8
     assert sum(o.collapsed for _, o in results) == 7
 
@@ -297,11 +302,5 @@ def test_single_flight_fans_an_error_out_to_every_waiter():
         except InvalidArgument as exc:
             errors.append(exc.message)
 
-    threads = [threading.Thread(target=call) for _ in range(4)]
-    for t in threads:
-        t.start()
-    time.sleep(0.3)
-    gate.set()
-    for t in threads:
-        t.join(10)
+    start_blocked(4, call, gate)
     assert errors == ["bad batch"] * 4

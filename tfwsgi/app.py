@@ -8,9 +8,9 @@ from typing import Any
 
 from flask import Flask, Response, current_app, request
 from flask.sessions import NullSession, SessionInterface, SessionMixin
-from werkzeug.exceptions import RequestEntityTooLarge
 
 from . import codec, metrics
+from .api import RestAPI
 from .batching import Batcher, BatchingParameters, parse_batching_parameters
 from .cache import PredictionCache
 from .dataplane import DataPlane
@@ -19,11 +19,6 @@ from .manager import ModelManager, manager_from_settings, watch
 from .settings import Settings, from_env
 
 log = logging.getLogger("tfwsgi")
-
-# How much of an oversize body is read and dropped before answering 413, so that the client
-# reads the answer instead of a connection reset.
-_DRAIN_LIMIT = 256 * 1024 * 1024
-
 
 class _NoSessions(SessionInterface):
     """tfwsgi keeps no sessions: every request shares one null session and nothing is saved
@@ -59,23 +54,19 @@ def create_app(manager: ModelManager | None = None, settings: Settings | None = 
 
     app = Flask("tfwsgi")
     app.session_interface = _NoSessions()
-    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes + 1  # see api.Call.body
     app.url_map.merge_slashes = False
     cache = PredictionCache(settings, threads=threads)
-    app.extensions["tfwsgi"] = WorkerState(settings, DataPlane(manager, cache, _batcher(settings)))
-
-    from .api import bp
+    state = app.extensions["tfwsgi"] = WorkerState(settings, DataPlane(manager, cache, _batcher(settings)))
 
     app.add_url_rule("/v2/health/live", "live", _live)
     app.add_url_rule("/v2/health/ready", "ready", _ready)
     app.add_url_rule("/monitoring/prometheus/metrics", "metrics_tf_serving", _metrics)
     app.add_url_rule("/metrics", "metrics", _metrics)
-    app.register_blueprint(bp)
     app.register_error_handler(TFWSGIError, _tfwsgi_error)
-    app.register_error_handler(RequestEntityTooLarge, _too_large)
     app.register_error_handler(Exception, _unexpected)
     if settings.rest_api_enable_cors_support:
         app.after_request(_cors)
+    app.wsgi_app = RestAPI(state, app.wsgi_app)  # type: ignore[method-assign]
     return app
 
 
@@ -116,21 +107,6 @@ def _error(message: str, status: int) -> Response:
 
 def _tfwsgi_error(exc: TFWSGIError) -> Response:
     return _error(exc.message, exc.status)
-
-
-def _too_large(exc: RequestEntityTooLarge) -> Response:
-    limit = current_app.extensions["tfwsgi"].settings.max_request_bytes
-    stream = request.environ.get("wsgi.input")
-    left = min(request.content_length or _DRAIN_LIMIT, _DRAIN_LIMIT)
-    try:
-        while stream is not None and left > 0:
-            chunk = stream.read(min(left, 1 << 20))
-            if not chunk:
-                break
-            left -= len(chunk)
-    except Exception:  # the client went away: nothing to drain
-        pass
-    return _error(f"Request body is larger than the limit of {limit} bytes", 413)
 
 
 def _unexpected(exc: Exception) -> Response:

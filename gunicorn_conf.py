@@ -10,7 +10,7 @@ from tfwsgi import hooks
 
 _settings = hooks.config_settings()  # TFWSGI_* variables, and TFWSGI_ENV_FILE (re-read on SIGHUP)
 
-bind = [f"0.0.0.0:{_settings.rest_api_port}"]
+bind = hooks.bind_addresses(_settings)  # a socket passed by systemd wins (tfwsgi.socket)
 workers = _settings.workers or os.cpu_count() or 1
 worker_class = "sync"
 preload_app = False  # the app (and TensorFlow) load in each worker, after fork

@@ -7,6 +7,7 @@ import os
 import tempfile
 import threading
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from .errors import ConfigError
@@ -75,6 +76,25 @@ def config_settings() -> Settings:
         log.error("tfwsgi: settings not reloaded, the previous ones stay: %s", exc)
     _config_loaded = True
     return from_env()
+
+
+_activated_bind: list[str] | None = None
+
+
+def bind_addresses(settings: Settings, environ: Mapping[str, str] | None = None) -> list[str]:
+    """gunicorn's ``bind``: 0.0.0.0 on the REST port, or, under systemd socket activation
+    (``LISTEN_PID`` is this process), the value of the first load, kept across SIGHUP: gunicorn
+    would otherwise drop the passed socket and bind anew whenever the value changed."""
+    global _activated_bind
+    env = os.environ if environ is None else environ
+    bind = [f"0.0.0.0:{settings.rest_api_port}"]
+    if _activated_bind is None and env.get("LISTEN_PID") == str(os.getpid()):
+        _activated_bind = bind  # gunicorn uses the passed sockets and ignores this value
+    if _activated_bind is not None:
+        if bind != _activated_bind:
+            log.warning("tfwsgi: TFWSGI_REST_API_PORT ignored: the socket comes from systemd")
+        return _activated_bind
+    return bind
 
 
 def on_starting(server: Any) -> None:

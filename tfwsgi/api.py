@@ -10,7 +10,7 @@ from urllib.parse import unquote, urlsplit
 from flask import Blueprint, Response, abort, current_app, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from . import codec
+from . import codec, metrics
 from .cache import Outcome, request_policy
 from .dataplane import DataPlane
 from .errors import CODE_NAMES, InvalidArgument
@@ -106,7 +106,7 @@ def dispatch(_path: str) -> Any:
     if method == "POST":
         m = _PREDICT.fullmatch(path)
         if m:
-            return _METHODS[m.group(4).lower()](_call(state, environ, m))
+            return metrics.observe_request(m.group(1), m.group(4), _run, state, environ, m)
     elif method in ("GET", "HEAD"):
         m = _STATUS.fullmatch(path)
         if m:
@@ -151,6 +151,10 @@ def regress(call: Call) -> Response:
 
 
 _METHODS = {"predict": predict, "classify": classify, "regress": regress}
+
+
+def _run(state: Any, environ: dict[str, Any], match: re.Match[str]) -> Response:
+    return _METHODS[match.group(4).lower()](_call(state, environ, match))
 
 
 def status(call: Call) -> Response:

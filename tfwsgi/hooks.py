@@ -97,12 +97,20 @@ def bind_addresses(settings: Settings, environ: Mapping[str, str] | None = None)
     return bind
 
 
+def logger_class(settings: Settings) -> str:
+    """gunicorn's ``logger_class`` for ``TFWSGI_LOG_FORMAT``."""
+    return "tfwsgi.logs.JsonLogger" if settings.log_format == "json" else "gunicorn.glogging.Logger"
+
+
 def on_starting(server: Any) -> None:
     """Master, before anything forks: check the settings and the model config, TF-free."""
     _share_gunicorn_logging(server)
     settings = from_env()
     configs = model_configs(settings)
     _prepare_metrics_dir(settings)
+    from .metrics import prometheus_paths
+
+    prometheus_paths(settings.monitoring_config_file)  # a bad monitoring config stops the start
     if settings.memcached:
         from .cache import parse_servers
 
@@ -142,10 +150,17 @@ def _prepare_metrics_dir(settings: Settings) -> None:
 
 
 def child_exit(server: Any, worker: Any) -> None:
-    """Master, when a worker exits: retire its live gauges."""
+    """Master, when a worker exits: count it, retire its live gauges, archive its counters."""
     from .metrics import mark_process_dead
 
     mark_process_dead(worker.pid)
+
+
+def worker_exit(server: Any, worker: Any) -> None:
+    """Worker, leaving (max_requests, reload, stop): write out the requests it counted."""
+    from .metrics import flush
+
+    flush()
 
 
 class _Heartbeat:
@@ -179,6 +194,9 @@ def post_worker_init(worker: Any) -> None:
     if _heartbeat is not None:
         _heartbeat.stop()
         _heartbeat = None
+    from .metrics import start_flushing
+
+    start_flushing()
     worker.log.info("tfwsgi: worker %d ready in %.2fs (intra_op=%d inter_op=%d)",
                     os.getpid(), time.monotonic() - _started, *_tf_threads)
 

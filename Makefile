@@ -6,7 +6,7 @@ MODELS := build/models
 PORT ?= 8501
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all venv system-deps demo-model serve test lint unit clean
+.PHONY: all venv system-deps demo-model serve test lint unit clean install
 
 all: test
 
@@ -19,7 +19,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 venv: $(VENV)/.installed
 
 # System packages the tests and benchmarks drive for real.
-SYSTEM_PACKAGES := curl procps memcached wrk
+SYSTEM_PACKAGES := curl procps memcached wrk nginx systemd
 system-deps:
 	@missing=""; for p in $(SYSTEM_PACKAGES); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
@@ -44,6 +44,10 @@ lint: venv
 
 test: venv system-deps lint
 	$(PY) -m pytest
+
+# The systemd service (systemd/): /opt/tfwsgi, /etc/tfwsgi, the units; see the README.
+install:
+	systemd/install.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info

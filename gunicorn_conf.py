@@ -10,7 +10,7 @@ from tfwsgi import hooks
 
 _settings = hooks.config_settings()  # TFWSGI_* variables, and TFWSGI_ENV_FILE (re-read on SIGHUP)
 
-bind = [f"0.0.0.0:{_settings.rest_api_port}"]
+bind = hooks.bind_addresses(_settings)  # a socket passed by systemd wins (tfwsgi.socket)
 workers = _settings.workers or os.cpu_count() or 1
 worker_class = "sync"
 preload_app = False  # the app (and TensorFlow) load in each worker, after fork
@@ -26,6 +26,7 @@ control_socket_disable = True  # gunicorn's default path is per user: two instan
 accesslog = None  # off, as in gunicorn and TF Serving; `--access-logfile -` turns it on
 errorlog = "-"
 loglevel = "info"
+logger_class = hooks.logger_class(_settings)  # TFWSGI_LOG_FORMAT=json: JSON lines
 
 
 def on_starting(server):
@@ -42,3 +43,7 @@ def post_worker_init(worker):
 
 def child_exit(server, worker):
     hooks.child_exit(server, worker)
+
+
+def worker_exit(server, worker):
+    hooks.worker_exit(server, worker)

@@ -17,7 +17,7 @@ from urllib.parse import unquote, urlsplit
 
 from werkzeug.http import HTTP_STATUS_CODES
 
-from . import codec
+from . import codec, metrics
 from .cache import Outcome, request_policy
 from .dataplane import DataPlane
 from .errors import CODE_NAMES, InvalidArgument, TFWSGIError
@@ -179,6 +179,10 @@ def regress(call: Call) -> Answer:
 _METHODS = {"predict": predict, "classify": classify, "regress": regress}
 
 
+def _run(state: Any, environ: dict[str, Any], match: re.Match[str]) -> Answer:
+    return _METHODS[match.group(4).lower()](_call(state, environ, match))
+
+
 def status(call: Call) -> Answer:
     # TF Serving's GetModelStatus looks only at the version: with a label it lists every version.
     states = call.dataplane.manager.status(call.name, call.version)
@@ -204,7 +208,7 @@ def route(state: Any, environ: dict[str, Any], method: str, path: str) -> Answer
     if method == "POST":
         m = _PREDICT.fullmatch(path)
         if m:
-            return _METHODS[m.group(4).lower()](_call(state, environ, m))
+            return metrics.observe_request(m.group(1), m.group(4), _run, state, environ, m)
     elif method in ("GET", "HEAD"):
         m = _STATUS.fullmatch(path)
         if m:

@@ -60,8 +60,8 @@ def create_app(manager: ModelManager | None = None, settings: Settings | None = 
 
     app.add_url_rule("/v2/health/live", "live", _live)
     app.add_url_rule("/v2/health/ready", "ready", _ready)
-    app.add_url_rule("/monitoring/prometheus/metrics", "metrics_tf_serving", _metrics)
-    app.add_url_rule("/metrics", "metrics", _metrics)
+    for i, path in enumerate(metrics.prometheus_paths(settings.monitoring_config_file)):
+        app.add_url_rule(path, f"metrics_{i}", _metrics)
     app.register_error_handler(TFWSGIError, _tfwsgi_error)
     app.register_error_handler(Exception, _unexpected)
     if settings.rest_api_enable_cors_support:
@@ -81,7 +81,8 @@ def _batcher(settings: Settings) -> Batcher | None:
                 params = parse_batching_parameters(f.read(), origin=path)
         except OSError as exc:
             raise ConfigError(f"TFWSGI_BATCHING_PARAMETERS_FILE: cannot read {path}: {exc}") from None
-    return Batcher(params, on_batch=lambda rows, padded: metrics.BATCH_SIZE.observe(rows))
+    return Batcher(params, on_batch=lambda rows, padded: metrics.BATCH_SIZE.observe(rows),
+                   on_queue=metrics.BATCH_QUEUE_DEPTH.inc)
 
 
 def _live() -> Response:

@@ -127,8 +127,10 @@ class Batcher:
     """One per worker: a queue per signature, ``num_batch_threads`` threads that run batches."""
 
     def __init__(self, params: BatchingParameters,
-                 on_batch: Callable[[int, int], None] | None = None) -> None:
+                 on_batch: Callable[[int, int], None] | None = None,
+                 on_queue: Callable[[int], None] | None = None) -> None:
         self.params = params
+        self._on_queue = on_queue  # change in the number of waiting requests (+1, -batch)
         self._queues: dict[Any, _Queue] = {}
         self._cond = threading.Condition()
         self._on_batch = on_batch  # (rows, padded rows) of each batch run
@@ -157,6 +159,8 @@ class Batcher:
                 raise Unavailable("The batch scheduling queue to which this task was submitted is full")
             queue.tasks.append(task)
             queue.rows += n
+            if self._on_queue is not None:
+                self._on_queue(1)
             self._cond.notify()
         task.done.wait()
         if task.error is not None:
@@ -194,6 +198,8 @@ class Batcher:
                 for task in batch:
                     queue.tasks.remove(task)
                 queue.rows -= rows
+                if self._on_queue is not None:
+                    self._on_queue(-len(batch))
                 # Fairness between signatures: this queue goes to the back.
                 for k, q in list(self._queues.items()):
                     if q is queue:

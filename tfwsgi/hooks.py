@@ -7,6 +7,7 @@ import os
 import tempfile
 import threading
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from .errors import ConfigError
@@ -77,12 +78,39 @@ def config_settings() -> Settings:
     return from_env()
 
 
+_activated_bind: list[str] | None = None
+
+
+def bind_addresses(settings: Settings, environ: Mapping[str, str] | None = None) -> list[str]:
+    """gunicorn's ``bind``: 0.0.0.0 on the REST port, or, under systemd socket activation
+    (``LISTEN_PID`` is this process), the value of the first load, kept across SIGHUP: gunicorn
+    would otherwise drop the passed socket and bind anew whenever the value changed."""
+    global _activated_bind
+    env = os.environ if environ is None else environ
+    bind = [f"0.0.0.0:{settings.rest_api_port}"]
+    if _activated_bind is None and env.get("LISTEN_PID") == str(os.getpid()):
+        _activated_bind = bind  # gunicorn uses the passed sockets and ignores this value
+    if _activated_bind is not None:
+        if bind != _activated_bind:
+            log.warning("tfwsgi: TFWSGI_REST_API_PORT ignored: the socket comes from systemd")
+        return _activated_bind
+    return bind
+
+
+def logger_class(settings: Settings) -> str:
+    """gunicorn's ``logger_class`` for ``TFWSGI_LOG_FORMAT``."""
+    return "tfwsgi.logs.JsonLogger" if settings.log_format == "json" else "gunicorn.glogging.Logger"
+
+
 def on_starting(server: Any) -> None:
     """Master, before anything forks: check the settings and the model config, TF-free."""
     _share_gunicorn_logging(server)
     settings = from_env()
     configs = model_configs(settings)
     _prepare_metrics_dir(settings)
+    from .metrics import prometheus_paths
+
+    prometheus_paths(settings.monitoring_config_file)  # a bad monitoring config stops the start
     if settings.memcached:
         from .cache import parse_servers
 
@@ -122,10 +150,17 @@ def _prepare_metrics_dir(settings: Settings) -> None:
 
 
 def child_exit(server: Any, worker: Any) -> None:
-    """Master, when a worker exits: retire its live gauges."""
+    """Master, when a worker exits: count it, retire its live gauges, archive its counters."""
     from .metrics import mark_process_dead
 
     mark_process_dead(worker.pid)
+
+
+def worker_exit(server: Any, worker: Any) -> None:
+    """Worker, leaving (max_requests, reload, stop): write out the requests it counted."""
+    from .metrics import flush
+
+    flush()
 
 
 class _Heartbeat:
@@ -159,6 +194,9 @@ def post_worker_init(worker: Any) -> None:
     if _heartbeat is not None:
         _heartbeat.stop()
         _heartbeat = None
+    from .metrics import start_flushing
+
+    start_flushing()
     worker.log.info("tfwsgi: worker %d ready in %.2fs (intra_op=%d inter_op=%d)",
                     os.getpid(), time.monotonic() - _started, *_tf_threads)
 

@@ -94,8 +94,9 @@ class ModelManager:
     """Loads the aspired versions of each configured model, keeps them current, resolves requests."""
 
     def __init__(self, configs: Sequence[ModelConfig], loader: Loader = _default_loader,
-                 retry: RetryPolicy | None = None) -> None:
+                 retry: RetryPolicy | None = None, observer: Any = None) -> None:
         self._loader = loader
+        self._observer = observer  # metrics.ModelObserver: state changes and load times
         self._retry = retry or RetryPolicy()
         self._write = threading.RLock()  # one writer at a time: load_all, reconcile, set_configs
         self._models: dict[str, ModelEntry] = {c.name: ModelEntry(c) for c in configs}
@@ -197,8 +198,11 @@ class ModelManager:
 
     def _set(self, entry: ModelEntry, state: VersionState) -> None:
         versions = dict(entry.snapshot.versions)
+        old = versions.get(state.version)
         versions[state.version] = state
         self._publish(entry, versions)
+        if self._observer is not None and (old is None or old.state != state.state):
+            self._observer.state(entry.config.name, state.version, old and old.state, state.state)
 
     def _reconcile(self, entry: ModelEntry, initial: bool) -> None:
         cfg = entry.config
@@ -260,6 +264,8 @@ class ModelManager:
             state = replace(entry.snapshot.versions[version], state=END, error_code=code,
                             error_message=message)
             self._set(entry, state)
+            if self._observer is not None:
+                self._observer.loaded(name, time.monotonic() - started, False)
             left = self._retry.max_retries - attempts
             log.error("tfwsgi: pid %d failed to load model %s version %d (%s): %s",
                       os.getpid(), name, version,
@@ -267,6 +273,8 @@ class ModelManager:
             return
         self._set(entry, replace(entry.snapshot.versions[version], state=AVAILABLE,
                                  servable=servable, error_code=0, error_message=""))
+        if self._observer is not None:
+            self._observer.loaded(name, time.monotonic() - started, True)
         log.info("tfwsgi: pid %d loaded model %s version %d in %.2fs",
                  os.getpid(), name, version, time.monotonic() - started)
 
@@ -335,8 +343,10 @@ def manager_from_settings(settings: Settings) -> ModelManager:
             servable.warmup(settings.num_request_iterations_for_warmup)
         return servable
 
+    from .metrics import ModelObserver
+
     retry = RetryPolicy(settings.max_num_load_retries, settings.load_retry_interval_micros / 1e6)
-    return ModelManager(model_configs(settings), loader, retry)
+    return ModelManager(model_configs(settings), loader, retry, ModelObserver())
 
 
 def watch(manager: ModelManager, settings: Settings) -> None:

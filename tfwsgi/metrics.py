@@ -7,18 +7,45 @@ adds them all up. Without it (a single process), the default registry is used.
 
 from __future__ import annotations
 
+import fcntl
+import glob
 import os
+import threading
+import time
+from bisect import bisect_left
+from collections.abc import Callable
+from contextlib import contextmanager
+from time import perf_counter
+from typing import Any, TypeVar
+from urllib.parse import unquote
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
 )
 from prometheus_client import multiprocess as _multiprocess
+from prometheus_client.mmap_dict import MmapedDict
+
+from .errors import CODE_NAMES, ConfigError, TFWSGIError
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+T = TypeVar("T")
+
+# TF Serving's own metrics (servables/tensorflow/util.cc), under the names its Prometheus exporter
+# gives them ("/" → ":"). Counters are written without prometheus_client's "_total" (see render).
+REQUEST_COUNT = Counter(
+    ":tensorflow:serving:request_count", "The total number of requests.",
+    ["model_name", "status"])
+REQUEST_LATENCY = Histogram(
+    ":tensorflow:serving:request_latency",
+    "Distribution of wall time (in microseconds) for Tensorflow Serving request.",
+    ["model_name", "API", "entrypoint"],
+    buckets=[round(10 * 1.8**i, 4) for i in range(33)])  # TF's Buckets::Exponential(10, 1.8, 33)
+_TF_COUNTERS = (b":tensorflow:serving:request_count",)
 
 CACHE_LOOKUPS = Counter(
     "tfwsgi_cache_lookups_total",
@@ -40,19 +67,226 @@ BATCH_SIZE = Histogram(
     "tfwsgi_batch_size",
     "Rows in each batch the dynamic batcher ran (before padding).",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024))
+BATCH_QUEUE_DEPTH = Gauge(
+    "tfwsgi_batch_queue_depth",
+    "Requests waiting in the dynamic batcher's queues, over the live workers.",
+    multiprocess_mode="livesum")
+MODEL_LOAD_SECONDS = Histogram(
+    "tfwsgi_model_load_seconds",
+    "Time each worker took to load (and warm up) a model version, by result: ok, error.",
+    ["model_name", "result"],
+    buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600))
+MODEL_VERSION_STATE = Gauge(
+    "tfwsgi_model_version_state",
+    "Live workers holding each model version in each TF Serving state (LOADING, AVAILABLE, "
+    "UNLOADING, END).",
+    ["model_name", "version", "state"], multiprocess_mode="livesum")
+WORKER_EXITS = Counter(
+    "tfwsgi_worker_exits_total",
+    "gunicorn workers that exited (max_requests, SIGHUP, timeouts, crashes); the master starts "
+    "a new one for each while it runs.")
+
+# ---------------------------------------------------------------------------------- per request
+# A request only adds to plain floats in this process (≈0.5 µs); ``flush`` moves them into
+# prometheus_client's values (≈0.8 µs per mmap write, four writes a request) once a second, before
+# this worker renders a scrape, and when it exits. A scrape is at most a second behind.
+
+_MAX_KEYS = 1000  # distinct (model name, method, status) kept; later ones count as "<other>"
+_APIS = {"predict": "Predict", "classify": "Classify", "regress": "Regress"}
+_BOUNDS = REQUEST_LATENCY._upper_bounds  # the finite bounds and +Inf
+_lock = threading.Lock()
+_pending: dict[tuple[str, str, str], list[float]] = {}  # count, sum, per-bucket counts
+_flushed: dict[tuple[str, str, str], list[float]] = {}
+
+
+def _status_name(exc: BaseException) -> str:
+    if isinstance(exc, TFWSGIError):
+        return CODE_NAMES.get(exc.code, "UNKNOWN")
+    if getattr(exc, "code", None) == 413:  # werkzeug's RequestEntityTooLarge, as gRPC names it
+        return "RESOURCE_EXHAUSTED"
+    return "UNKNOWN"
+
+
+def _new_key(key: tuple[str, str, str]) -> list[float]:
+    if len(_pending) >= _MAX_KEYS:
+        key = ("<other>", key[1], key[2])
+        if key in _pending:
+            return _pending[key]
+    acc = _pending[key] = [0.0] * (2 + len(_BOUNDS))
+    return acc
+
+
+def observe_request(raw_name: str, method: str, handler: Callable[..., T], *args: Any) -> T:
+    """Run ``handler(*args)`` for a predict/classify/regress call on model ``raw_name`` (as in
+    the URL) and count it in TF Serving's request_count and request_latency (µs)."""
+    start = perf_counter()
+    status = "OK"
+    try:
+        return handler(*args)
+    except BaseException as exc:
+        status = _status_name(exc)
+        raise
+    finally:
+        micros = (perf_counter() - start) * 1e6
+        key = (raw_name, method, status)
+        with _lock:
+            acc = _pending.get(key) or _new_key(key)
+            acc[0] += 1
+            acc[1] += micros
+            acc[2 + bisect_left(_BOUNDS, micros)] += 1
+
+
+def flush() -> None:
+    """Add what requests counted since the last flush to the metric values (shared files)."""
+    with _lock:
+        deltas = []
+        for key, acc in _pending.items():
+            last = _flushed.get(key)
+            if last is None:
+                last = _flushed[key] = [0.0] * len(acc)
+            if acc[0] != last[0]:
+                deltas.append((key, [a - b for a, b in zip(acc, last, strict=True)]))
+                last[:] = acc
+    for (raw_name, method, status), delta in deltas:
+        name = unquote(raw_name)
+        REQUEST_COUNT.labels(name, status).inc(delta[0])
+        latency = REQUEST_LATENCY.labels(name, _APIS.get(method.lower(), method), "REST")
+        # Histogram.observe adds one observation; these add many, to the same values it writes.
+        latency._sum.inc(delta[1])
+        for bucket, n in zip(latency._buckets, delta[2:], strict=True):
+            if n:
+                bucket.inc(n)
+
+
+def start_flushing(interval: float = 1.0) -> None:
+    """In a worker: flush every ``interval`` seconds from a daemon thread."""
+
+    def run() -> None:
+        while True:
+            time.sleep(interval)
+            flush()
+
+    threading.Thread(target=run, name="tfwsgi-metrics-flush", daemon=True).start()
+
+
+# ---------------------------------------------------------------------------------- endpoints
+
+TF_SERVING_PATH = "/monitoring/prometheus/metrics"  # TF Serving's default prometheus_config.path
+
+
+def _monitoring_config_class() -> Any:
+    """TF Serving's MonitoringConfig (config/monitoring_config.proto) as a protobuf message, so the
+    file is read by protobuf's own text-format parser. tensorflow-serving-api does not ship it."""
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+    T = descriptor_pb2.FieldDescriptorProto
+    f = descriptor_pb2.FileDescriptorProto(name="tfwsgi_monitoring.proto", package="tensorflow.serving")
+    prometheus = f.message_type.add(name="PrometheusConfig")
+    prometheus.field.add(name="enable", number=1, type=T.TYPE_BOOL, label=T.LABEL_OPTIONAL)
+    prometheus.field.add(name="path", number=2, type=T.TYPE_STRING, label=T.LABEL_OPTIONAL)
+    config = f.message_type.add(name="MonitoringConfig")
+    config.field.add(name="prometheus_config", number=1, type=T.TYPE_MESSAGE, label=T.LABEL_OPTIONAL,
+                     type_name=".tensorflow.serving.PrometheusConfig")
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(f)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName("tensorflow.serving.MonitoringConfig"))
+
+
+def prometheus_paths(monitoring_config_file: str) -> list[str]:
+    """Where metrics are served: TF Serving's path and /metrics; with a monitoring config file,
+    as its ``prometheus_config { enable path }`` says (TF Serving's ``--monitoring_config_file``)."""
+    if not monitoring_config_file:
+        return [TF_SERVING_PATH, "/metrics"]
+    from google.protobuf import text_format
+
+    msg = _monitoring_config_class()()
+    try:
+        with open(monitoring_config_file, encoding="utf-8") as f:
+            text_format.Parse(f.read(), msg)
+    except (OSError, text_format.ParseError) as exc:
+        raise ConfigError(f"TFWSGI_MONITORING_CONFIG_FILE: {monitoring_config_file}: {exc}") from None
+    if not msg.prometheus_config.enable:
+        return []
+    path = msg.prometheus_config.path or TF_SERVING_PATH
+    if not path.startswith("/"):
+        raise ConfigError(f"TFWSGI_MONITORING_CONFIG_FILE: path must start with '/', got {path!r}")
+    return list(dict.fromkeys([path, "/metrics"]))
+
+
+# ---------------------------------------------------------------------------------- multiprocess
+
+_LOCK_NAME = ".tfwsgi-metrics.lock"  # not *.db: the collector reads only those
+ARCHIVE_PID = "archive"  # counter_archive.db, histogram_archive.db: the totals of dead workers
+
+
+@contextmanager
+def _dir_lock(path: str, exclusive: bool) -> Any:
+    """Scrapes (shared) and the master's compaction (exclusive) never see each other halfway."""
+    fd = os.open(os.path.join(path, _LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)
 
 
 def render() -> tuple[bytes, str]:
     """The exposition text of every metric of every worker, and its content type."""
+    flush()
     path = os.environ.get(MULTIPROC_ENV)
     if path and os.path.isdir(path):
         registry = CollectorRegistry()
         _multiprocess.MultiProcessCollector(registry, path=path)
-        return generate_latest(registry), CONTENT_TYPE_LATEST
-    return generate_latest(), CONTENT_TYPE_LATEST
+        with _dir_lock(path, exclusive=False):
+            text = generate_latest(registry)
+    else:
+        text = generate_latest()
+    for name in _TF_COUNTERS:  # TF Serving's counters carry no "_total" suffix
+        text = text.replace(name + b"_total", name)
+    return text, CONTENT_TYPE_LATEST
+
+
+def compact_dead_process(pid: int, path: str) -> None:
+    """Fold a dead worker's counter and histogram files into the archive files and delete them,
+    so its counts stay in the totals while the directory holds a bounded number of files."""
+    with _dir_lock(path, exclusive=True):
+        for kind in ("counter", "histogram"):
+            dead = os.path.join(path, f"{kind}_{pid}.db")
+            if not os.path.exists(dead):
+                continue
+            archive = MmapedDict(os.path.join(path, f"{kind}_{ARCHIVE_PID}.db"))
+            try:
+                # Raw mmap values: per-bucket histogram counts, not cumulative, so they simply add.
+                for key, value, _, _ in list(MmapedDict.read_all_values_from_file(dead)):
+                    if value:
+                        archive.write_value(key, archive.read_value(key)[0] + value, 0.0)
+            finally:
+                archive.close()
+            os.unlink(dead)
+
+
+def db_files(path: str) -> list[str]:
+    """The metric files in the multiprocess directory."""
+    return glob.glob(os.path.join(path, "*.db"))
 
 
 def mark_process_dead(pid: int) -> None:
-    """Called by the master when a worker exits (gunicorn's ``child_exit``)."""
-    if os.environ.get(MULTIPROC_ENV):
-        _multiprocess.mark_process_dead(pid)
+    """Called by the master when a worker exits (gunicorn's ``child_exit``): count it, retire its
+    live gauges and fold its counters into the archive."""
+    path = os.environ.get(MULTIPROC_ENV)
+    WORKER_EXITS.inc()
+    if path:
+        _multiprocess.mark_process_dead(pid, path)
+        compact_dead_process(pid, path)
+
+
+class ModelObserver:
+    """What the model manager reports: version state changes and load times."""
+
+    def state(self, name: str, version: int, old: str | None, new: str) -> None:
+        if old is not None:
+            MODEL_VERSION_STATE.labels(name, str(version), old).dec()
+        MODEL_VERSION_STATE.labels(name, str(version), new).inc()
+
+    def loaded(self, name: str, seconds: float, ok: bool) -> None:
+        MODEL_LOAD_SECONDS.labels(name, "ok" if ok else "error").observe(seconds)

@@ -36,6 +36,11 @@ def _port(value: Any) -> None:
         raise ValueError(f"must be a TCP port (1-65535), got {value}")
 
 
+def _log_format(value: Any) -> None:
+    if value not in ("text", "json"):
+        raise ValueError(f"must be text or json, got {value!r}")
+
+
 def _positive(value: Any) -> None:
     if value <= 0:
         raise ValueError(f"must be > 0, got {value}")
@@ -150,6 +155,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("memcached_max_item_bytes", int, 1024 * 1024,
             "memcached's item size limit (`-I`); larger predictions are served but not cached.",
             _positive),
+    Setting("monitoring_config_file", str, "",
+            "TF Serving's monitoring config (`prometheus_config { enable: true path: \"/monitoring/"
+            "prometheus/metrics\" }`): where Prometheus metrics are served, besides `/metrics`, or "
+            "`enable: false` for none. Empty: both paths on (TF Serving turns them off by default)."),
+    Setting("log_format", str, "text",
+            "gunicorn's access and error logs, and tfwsgi's: `text` (gunicorn's formats) or `json` "
+            "(one JSON object a line). Read at start; a SIGHUP does not change it.", _log_format),
     Setting("prometheus_multiproc_dir", str, "",
             "Directory for the workers' metric files, wiped at start; empty: a fresh temporary "
             "directory (or `PROMETHEUS_MULTIPROC_DIR` if set)."),

@@ -1,0 +1,100 @@
+"""metrics.py: request counting, the exposition names, the monitoring config, dead-worker compaction."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.mmap_dict import MmapedDict, mmap_key
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from conftest import metric_total
+from tfwsgi import metrics
+from tfwsgi.errors import ConfigError, NotFound
+
+
+def _count(name: str, status: str) -> float:
+    metrics.flush()
+    return metric_total(metrics.render()[0].decode(), ":tensorflow:serving:request_count",
+                        model_name=name, status=status)
+
+
+def test_requests_are_counted_with_tf_serving_names_and_status() -> None:
+    before_ok, before_nf = _count("m/1", "OK"), _count("m/1", "NOT_FOUND")
+
+    def missing() -> None:
+        raise NotFound("Servable not found")
+
+    for _ in range(3):
+        assert metrics.observe_request("m%2F1", "PREDICT", lambda x: x + 1, 1) == 2
+    with pytest.raises(NotFound):
+        metrics.observe_request("m%2F1", "predict", missing)
+    assert _count("m/1", "OK") == before_ok + 3
+    assert _count("m/1", "NOT_FOUND") == before_nf + 1
+    text = metrics.render()[0].decode()
+    assert "# TYPE :tensorflow:serving:request_count counter" in text
+    assert ":tensorflow:serving:request_count_total" not in text
+    assert metric_total(text, ":tensorflow:serving:request_latency_count", model_name="m/1",
+                        API="Predict", entrypoint="REST") >= 4
+    assert 'le="10.0"' in text and 'le="188.9568"' in text
+
+
+def test_counts_are_not_lost_between_flushes() -> None:
+    before = _count("flushy", "OK")
+    for i in range(50):
+        metrics.observe_request("flushy", "regress", int, i)
+        if i % 7 == 0:
+            metrics.flush()
+    assert _count("flushy", "OK") == before + 50
+
+
+def test_monitoring_config(tmp_path: Path) -> None:
+    assert metrics.prometheus_paths("") == ["/monitoring/prometheus/metrics", "/metrics"]
+    conf = tmp_path / "monitoring.config"
+    conf.write_text('prometheus_config { enable: true, path: "/my/metrics" }\n')
+    assert metrics.prometheus_paths(str(conf)) == ["/my/metrics", "/metrics"]
+    conf.write_text("prometheus_config { enable: true }\n")
+    assert metrics.prometheus_paths(str(conf)) == ["/monitoring/prometheus/metrics", "/metrics"]
+    conf.write_text("prometheus_config { enable: false }\n")
+    assert metrics.prometheus_paths(str(conf)) == []
+    conf.write_text("prometheus_config { enabled: true }\n")
+    with pytest.raises(ConfigError, match="enabled"):
+        metrics.prometheus_paths(str(conf))
+    with pytest.raises(ConfigError):
+        metrics.prometheus_paths(str(tmp_path / "missing"))
+
+
+def _write(path: Path, values: list[tuple[str, str, dict[str, str], float]]) -> None:
+    d = MmapedDict(str(path))
+    for metric, sample, labels, value in values:
+        d.write_value(mmap_key(metric, sample, list(labels), list(labels.values()), "help"), value, 0.0)
+    d.close()
+
+
+def _exposition(path: Path) -> str:
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(path))
+    return "\n".join(sorted(generate_latest(registry).decode().splitlines()))  # order: glob's
+
+
+def test_compaction_keeps_totals_and_bounds_files(tmp_path: Path) -> None:
+    """Dead workers' counter and histogram files fold into one archive each; totals stay equal."""
+    for pid in range(100, 130):
+        _write(tmp_path / f"counter_{pid}.db", [("c", "c_total", {"m": "a"}, 2.0),
+                                                 ("c", "c_total", {"m": str(pid % 3)}, 1.0)])
+        _write(tmp_path / f"histogram_{pid}.db", [("h", "h_sum", {}, 0.5),
+                                                   ("h", "h_bucket", {"le": "1.0"}, 1.0),
+                                                   ("h", "h_bucket", {"le": "+Inf"}, pid % 2)])
+    _write(tmp_path / "counter_999.db", [("c", "c_total", {"m": "a"}, 5.0)])  # a live worker
+    before = _exposition(tmp_path)
+    for pid in range(100, 130):
+        metrics.compact_dead_process(pid, str(tmp_path))
+    assert _exposition(tmp_path) == before
+    assert sorted(os.listdir(tmp_path)) == [".tfwsgi-metrics.lock", "counter_999.db",
+                                            "counter_archive.db", "histogram_archive.db"]
+    assert metric_total(before, "c_total", m="a") == 65
+    assert metric_total(before, "h_count") == 30 + 15
+    metrics.compact_dead_process(12345, str(tmp_path))  # unknown pid: nothing happens
+    assert _exposition(tmp_path) == before

@@ -12,7 +12,10 @@ _settings = hooks.config_settings()  # TFWSGI_* variables, and TFWSGI_ENV_FILE (
 
 bind = hooks.bind_addresses(_settings)  # a socket passed by systemd wins (tfwsgi.socket)
 workers = _settings.workers or os.cpu_count() or 1
-worker_class = "sync"
+# Keep-alive connections, one thread each (see tfwsgi/worker.py): concurrent requests in one
+# worker are what the dynamic batcher merges. `threads` is the connections a worker serves at once.
+worker_class = "tfwsgi.worker.ThreadWorker"
+threads = 64
 preload_app = False  # the app (and TensorFlow) load in each worker, after fork
 timeout = 60  # per request; model loading keeps the worker alive with its own heartbeat
 graceful_timeout = 30

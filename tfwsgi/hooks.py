@@ -150,10 +150,13 @@ def _prepare_metrics_dir(settings: Settings) -> None:
 
 
 def child_exit(server: Any, worker: Any) -> None:
-    """Master, when a worker exits: count it, retire its live gauges, archive its counters."""
+    """Master, when a worker exits: count it, retire its live gauges, archive its counters, and
+    take it out of the connection balance of the threaded workers."""
     from .metrics import mark_process_dead
+    from .worker import retire
 
     mark_process_dead(worker.pid)
+    retire(worker.age)
 
 
 def worker_exit(server: Any, worker: Any) -> None:

@@ -7,7 +7,7 @@ import logging
 import time
 from typing import Any
 
-from gunicorn.glogging import Logger  # type: ignore[import-untyped]
+from gunicorn.glogging import Logger
 
 
 class JsonFormatter(logging.Formatter):

@@ -44,7 +44,6 @@ def create_app(manager: ModelManager | None = None, settings: Settings | None = 
     settings = settings or from_env()
     from . import hooks
 
-    threads = hooks.worker_threads()
     if manager is None:
         manager = hooks.worker_manager()
     if manager is None:  # not under gunicorn_conf.py: load in this process now
@@ -55,7 +54,7 @@ def create_app(manager: ModelManager | None = None, settings: Settings | None = 
     app = Flask("tfwsgi")
     app.session_interface = _NoSessions()
     app.url_map.merge_slashes = False
-    cache = PredictionCache(settings, threads=threads)
+    cache = PredictionCache(settings)
     state = app.extensions["tfwsgi"] = WorkerState(settings, DataPlane(manager, cache, _batcher(settings)))
 
     app.add_url_rule("/v2/health/live", "live", _live)

@@ -278,21 +278,59 @@ def _fast_rendezvous() -> Any:
     return FastRendezvousHash
 
 
+def _per_thread_client() -> Any:
+    """A pymemcache client class for HashClient that keeps one connection per thread and server:
+    thread-safe like its PooledClient, without a pool's lock and context manager on every call
+    (measured: 22-25 µs against 15-17 µs a get). HashClient's failure tracking stays shared."""
+    from pymemcache.client.base import Client
+
+    class PerThreadClient:
+        def __init__(self, server: Any, **kwargs: Any) -> None:
+            self.server = server
+            self._kwargs = kwargs
+            self._local = threading.local()
+
+        def _client(self) -> Any:
+            client = getattr(self._local, "client", None)
+            if client is None:
+                client = self._local.client = Client(self.server, **self._kwargs)
+            return client
+
+        def get(self, *args: Any, **kw: Any) -> Any:
+            return self._client().get(*args, **kw)
+
+        def set(self, *args: Any, **kw: Any) -> Any:
+            return self._client().set(*args, **kw)
+
+        def add(self, *args: Any, **kw: Any) -> Any:
+            return self._client().add(*args, **kw)
+
+        def delete(self, *args: Any, **kw: Any) -> Any:
+            return self._client().delete(*args, **kw)
+
+        def close(self) -> None:
+            client = getattr(self._local, "client", None)
+            if client is not None:
+                client.close()
+
+    return PerThreadClient
+
+
 class Memcached:
-    """pymemcache's HashClient (rendezvous hashing) with finite timeouts, thread-safe: pooled
-    connections when the worker runs several request threads (``threads`` ≠ 1), one connection
-    per server in a single-threaded (sync) worker, where a pool would only add overhead."""
+    """pymemcache's HashClient (rendezvous hashing) with finite timeouts, thread-safe: each request
+    thread has its own connection to each server (one, in a single-threaded worker)."""
 
     shared = True
 
-    def __init__(self, settings: Settings, threads: int = 0) -> None:
+    def __init__(self, settings: Settings) -> None:
         from pymemcache.client.hash import HashClient
 
-        self._client = HashClient(
+        class Client(HashClient):
+            client_class = _per_thread_client()
+
+        self._client = Client(
             parse_servers(settings.memcached),
             hasher=_fast_rendezvous(),
-            use_pooling=threads != 1,
-            max_pool_size=threads or None,
             connect_timeout=settings.memcached_connect_timeout_ms / 1000.0,
             timeout=settings.memcached_timeout_ms / 1000.0,
             retry_attempts=settings.memcached_retry_attempts,
@@ -313,8 +351,8 @@ class Memcached:
         return value if isinstance(value, bytes) else None
 
     def set(self, key: str, value: bytes, ttl: int) -> None:
-        # Wait for STORED: the lease is deleted right after, perhaps over another pooled
-        # connection, and a waiter that sees the lease gone must then find the value.
+        # Wait for STORED: the lease is deleted right after (noreply), and a waiter on another
+        # host that sees the lease gone must then find the value.
         self._call(self._client.set, key, value, expire=ttl, noreply=False)
 
     def add(self, key: str, value: bytes, ttl: int) -> bool:
@@ -378,7 +416,7 @@ class _Flight:
 class PredictionCache:
     """Looks predictions up, computes each missing one once, and stores it; never fails a request."""
 
-    def __init__(self, settings: Settings, backend: Backend | None = None, threads: int = 0) -> None:
+    def __init__(self, settings: Settings, backend: Backend | None = None) -> None:
         from . import metrics
 
         self._metrics = metrics
@@ -389,7 +427,7 @@ class PredictionCache:
         self.max_item = settings.memcached_max_item_bytes
         self.lease_ms = settings.cache_lease_ms
         if backend is None:
-            backend = (Memcached(settings, threads) if settings.memcached
+            backend = (Memcached(settings) if settings.memcached
                        else LocalLRU(settings.cache_local_max_bytes))
         self.backend = backend
         self._flights: dict[bytes, _Flight] = {}

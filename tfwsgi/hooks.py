@@ -20,17 +20,11 @@ log = logging.getLogger("tfwsgi")
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's own variable
 
 _manager: ModelManager | None = None
-_threads = 0
 
 
 def worker_manager() -> ModelManager | None:
     """The manager that ``post_fork`` loaded in this worker, if any."""
     return _manager
-
-
-def worker_threads() -> int:
-    """Request threads of this gunicorn worker (1 for sync workers); 0 when not under gunicorn."""
-    return _threads
 
 
 def fitted_threads(settings: Settings, workers: int, cores: int | None = None) -> tuple[int, int]:
@@ -206,7 +200,7 @@ def post_worker_init(worker: Any) -> None:
 
 def post_fork(server: Any, worker: Any) -> None:
     """Worker, right after fork: fit TF's threads, then load every model once, before traffic."""
-    global _manager, _threads, _heartbeat, _started, _tf_threads
+    global _manager, _heartbeat, _started, _tf_threads
     _started = time.monotonic()
     _share_gunicorn_logging(server)
     _heartbeat = _Heartbeat(worker, interval=min(1.0, server.cfg.timeout / 4))
@@ -221,4 +215,3 @@ def post_fork(server: Any, worker: Any) -> None:
     manager.load_all()
     watch(manager, settings)
     _manager = manager
-    _threads = 1 if server.cfg.worker_class_str == "sync" else max(1, server.cfg.threads)

@@ -1,26 +1,28 @@
 """The baseline for the cache benchmark: a bare Flask route that does one memcached get.
 
-gunicorn -w 2 bench.peers.bare_memcached:app, with BENCH_MEMCACHED=host:port.
+gunicorn -w 2 bench.peers.bare_memcached:app, with BENCH_MEMCACHED=host:port (any worker class:
+each thread has its own connection).
 """
 
 from __future__ import annotations
 
 import os
+import threading
 
 from flask import Flask, Response
 from pymemcache.client.base import Client
 
 app = Flask(__name__)
-_client: Client | None = None
+_local = threading.local()
 KEY = "bench:bare"
 
 
 def client() -> Client:
-    global _client
-    if _client is None:  # after fork, once per worker
+    c = getattr(_local, "client", None)
+    if c is None:  # after fork, once per worker thread
         host, port = os.environ["BENCH_MEMCACHED"].rsplit(":", 1)
-        _client = Client((host, int(port)), connect_timeout=0.1, timeout=0.1)
-    return _client
+        c = _local.client = Client((host, int(port)), connect_timeout=0.1, timeout=0.1)
+    return c
 
 
 @app.post("/get")

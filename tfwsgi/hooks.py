@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import tempfile
@@ -113,6 +114,9 @@ def on_starting(server: Any) -> None:
         server.log.info("tfwsgi: model %s from %s (%s)", c.name, c.base_path, c.policy.kind)
     if settings.preload_tensorflow:
         _import_tensorflow(server)
+    # Every object the master holds now (TensorFlow's modules among them) moves to a generation
+    # the collector never walks, so no collection in a worker writes to (and copies) their pages.
+    gc.freeze()
 
 
 def _import_tensorflow(server: Any) -> None:
@@ -158,6 +162,23 @@ def worker_exit(server: Any, worker: Any) -> None:
     from .metrics import flush
 
     flush()
+
+
+_M_ARENA_MAX = -8  # glibc's mallopt parameter
+
+
+def _limit_malloc_arenas(arenas: int = 2) -> None:
+    """Cap glibc's malloc arenas: by default every request thread may get one of its own (up to
+    8 per core), and memory freed in one is not reused by the others, so a threaded worker's
+    memory creeps up under load. Read by glibc only at start from MALLOC_ARENA_MAX, hence mallopt."""
+    if os.environ.get("MALLOC_ARENA_MAX"):
+        return  # the operator chose
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(_M_ARENA_MAX, arenas)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 class _Heartbeat:
@@ -211,6 +232,7 @@ def post_fork(server: Any, worker: Any) -> None:
     from .servable import configure_threads
 
     configure_threads(*_tf_threads)
+    _limit_malloc_arenas()
     manager = manager_from_settings(settings)
     manager.load_all()
     watch(manager, settings)

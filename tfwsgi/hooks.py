@@ -123,6 +123,11 @@ def _import_tensorflow(server: Any) -> None:
     """Import TensorFlow in the master so forked workers share its pages. Import only: a TF
     runtime created before fork deadlocks the children, so nothing here may run an op."""
     started = time.monotonic()
+    # What every worker imports next (Flask, werkzeug, pymemcache, orjson): shared pages too.
+    import flask  # noqa: F401
+    import orjson  # noqa: F401
+    import pymemcache.client.hash  # noqa: F401
+    import werkzeug.http  # noqa: F401
     from tensorflow.python.eager import context
 
     from . import servable  # noqa: F401  (TensorFlow, protobufs, our TF module)

@@ -77,7 +77,7 @@ function request()
   if k <= 6 then
     last = (n % 16) / 16                      -- one of 16 bodies: hits once stored
   else
-    last = 2 + id * 1e7 + n                   -- never seen before: a miss
+    last = 2 + n * 8 + id                     -- never seen before: a miss (exact in float32)
   end
   return wrk.format("POST", "/v1/models/m:predict", nil, prefix .. string.format("%.4f", last) .. "]]}")
 end
@@ -232,12 +232,25 @@ def summarize(res: dict, duration: float, compare: float) -> dict:
     last = [x for x in w if x["t"] >= duration - compare - 1] or w[-1:]
     p99_first = statistics.mean(x["p99_ms"] for x in first)
     p99_last = statistics.mean(x["p99_ms"] for x in last)
+    # Memory: a version swap costs a one-off step (TensorFlow keeps what the load of version 2
+    # used, for later loads: see docs/swap-benchmark.md), which is not a leak. Growth is measured
+    # over the steady stretches on either side of it: the first `compare` seconds to just before
+    # the swap, and from `compare` seconds after it (settled) to the last `compare` seconds.
+    swap = res["swap_at"] if res["swap_at"] is not None else duration
+    settled = swap + min(compare, 30.0)
     growth = {}
     for pid in {p for _, m in res["memory"] for p in m}:
         series = [(t, m[pid]) for t, m in res["memory"] if pid in m and m[pid] > 0]
-        a = [v for t, v in series if t < compare] or [series[0][1]]
-        b = [v for t, v in series if t >= duration - compare] or [series[-1][1]]
-        growth[pid] = (statistics.mean(a), statistics.mean(b))
+
+        def mean(lo: float, hi: float, series: list = series) -> float:
+            values = [v for t, v in series if lo <= t < hi]
+            return statistics.mean(values) if values else float("nan")
+
+        first, before = mean(0, compare), mean(swap - compare / 2, swap)
+        after, last = mean(settled, settled + compare / 2), mean(duration - compare, duration + 1)
+        growth[pid] = {"first": first, "before_swap": before, "after_swap": after, "last": last,
+                       "steady_pct": max((before / first - 1) * 100, (last / after - 1) * 100),
+                       "overall_pct": (last / first - 1) * 100}
     total = sum(x["c200"] + x["c400"] + x["c404"] + x["c5xx"] + x["cother"] for x in w)
     bad = sum(x["c400"] + x["c404"] for x in w)
     bad_sent = sum(x["bad_sent"] for x in w)
@@ -248,7 +261,7 @@ def summarize(res: dict, duration: float, compare: float) -> dict:
     errors += mismatch
     return {"requests": total, "expected_4xx": bad, "errors": errors, "p99_first_ms": p99_first,
             "p99_last_ms": p99_last, "p99_ratio": p99_last / p99_first, "memory": growth,
-            "max_growth_pct": max((b / a - 1) * 100 for a, b in growth.values()),
+            "max_growth_pct": max(g["steady_pct"] for g in growth.values()),
             "rps": statistics.mean(x["rps"] for x in w)}
 
 
@@ -317,9 +330,11 @@ def main() -> int:
         f"- **p99 {s['p99_first_ms']:.2f} ms** over the first {compare:.0f} s, "
         f"**{s['p99_last_ms']:.2f} ms** over the last {compare:.0f} s (×{s['p99_ratio']:.2f}; the "
         "goal is ≤ 1.5);",
-        "- worker PSS, first to last " + f"{compare:.0f} s: " + "; ".join(
-            f"{a:.1f} → {b:.1f} MB ({(b / a - 1) * 100:+.1f}%)" for a, b in s["memory"].values())
-        + f" (the goal is < 5%); versions at the end: {versions};",
+        "- worker PSS (MB: first, just before the swap, settled after it, last; steady growth is "
+        "the larger of before/first and last/after, the goal < 5%): " + "; ".join(
+            f"{g['first']:.1f}, {g['before_swap']:.1f}, {g['after_swap']:.1f}, {g['last']:.1f} "
+            f"(steady {g['steady_pct']:+.1f}%, overall with the swap's step {g['overall_pct']:+.1f}%)"
+            for g in s["memory"].values()) + f"; versions at the end: {versions};",
         f"- memcached: {res['memcached']}.",
         "", f"Verdict: **{'PASS' if ok else 'FAIL'}**.", "",
         "| t (s) | req/s | p50 ms | p99 ms | 200 | 400 | 404 | errors |", "|---|---|---|---|---|---|---|---|",

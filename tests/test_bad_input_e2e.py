@@ -77,6 +77,15 @@ CASES = [
      "JSON Parse error"),
     ("nested-beyond-max-rank", "POST", P, b'{"instances": ' + b"[" * 500 + b"1" + b"]" * 500 + b"}",
      400, "rank"),
+    ("deeply-nested-objects", "POST", P,
+     b'{"instances": ' + b'{"a": ' * 100000 + b"1" + b"}" * 100000 + b"}", 400, "JSON Parse error"),
+    ("deeply-nested-with-nan", "POST", P,  # NaN sends it to the fallback parser
+     b'{"instances": ' + b"[" * 100000 + b"NaN" + b"]" * 100000 + b"}", 400, "JSON Parse error"),
+    ("nested-1000-deep-quoted-in-the-error", "POST", P,  # was a RecursionError and a 500
+     b'{"signature_name": 1, "x": ' + b"[" * 1000 + b"]" * 1000 + b"}", 400,
+     "'signature_name' key must be a string value"),
+    ("nested-1000-deep-feature", "POST", C,
+     b'{"examples": [{"x": ' + b"[" * 1000 + b"]" * 1000 + b"}]}", 400, "unexpected JSON type: Array"),
     ("number-too-large", "POST", P, b'{"instances": [1e400]}', 400, "JSON Parse error"),
     ("classify-no-examples", "POST", C, b'{"signature_name": "classify_with_classes"}', 400,
      "key 'examples' is expected and was not found"),

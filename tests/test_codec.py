@@ -41,6 +41,19 @@ def test_parse_json_deep_nesting_is_an_error_not_a_crash():
         codec.parse_json(b'{"a": ' + b"[" * 5000 + b"]" * 5000 + b", NaN: 1}")
 
 
+@pytest.mark.parametrize("depth", [300, 1000, 1020])  # orjson reads up to 1024 levels
+def test_error_messages_about_deeply_nested_documents_are_400s(depth):
+    """The message quotes the document: writing a 1000-deep one whole was a RecursionError (a 500)."""
+    nested = b"[" * depth + b"]" * depth
+    doc = codec.parse_json(b'{"signature_name": 1, "x": ' + nested + b"}")
+    with raises("'signature_name' key must be a string value") as info:
+        codec.signature_name(doc)
+    assert len(info.value.message) < 400
+    with raises("Expecting 'instances' to be an list/array"):
+        codec.decode_predict(codec.parse_json(b'{"instances": 5, "x": ' + nested + b"}"),
+                             {"x": np.dtype(np.float32)})
+
+
 def test_signature_name():
     assert codec.signature_name({}) == ""
     assert codec.signature_name({"signature_name": "s"}) == "s"

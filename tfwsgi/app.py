@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
+from importlib import resources
 from typing import Any
 
 from flask import Flask, Response, current_app, request
@@ -19,6 +21,9 @@ from .manager import ModelManager, manager_from_settings, watch
 from .settings import Settings, from_env
 
 log = logging.getLogger("tfwsgi")
+
+OPENAPI_PATH = "/openapi.json"  # outside /v1/, which is TF Serving's and routed by api.RestAPI
+
 
 class _NoSessions(SessionInterface):
     """tfwsgi keeps no sessions: every request shares one null session and nothing is saved
@@ -59,6 +64,7 @@ def create_app(manager: ModelManager | None = None, settings: Settings | None = 
 
     app.add_url_rule("/v2/health/live", "live", _live)
     app.add_url_rule("/v2/health/ready", "ready", _ready)
+    app.add_url_rule(OPENAPI_PATH, "openapi", _openapi)
     for i, path in enumerate(metrics.prometheus_paths(settings.monitoring_config_file)):
         app.add_url_rule(path, f"metrics_{i}", _metrics)
     app.register_error_handler(TFWSGIError, _tfwsgi_error)
@@ -94,6 +100,16 @@ def _ready() -> Response:
     ok = all(models.values())
     return Response(codec.dumps({"ready": ok, "models": models}), status=200 if ok else 503,
                     mimetype="application/json")
+
+
+@functools.cache
+def openapi_document() -> bytes:
+    """The OpenAPI 3 description of the REST API (``tfwsgi/openapi.json``), as shipped."""
+    return resources.files("tfwsgi").joinpath("openapi.json").read_bytes()
+
+
+def _openapi() -> Response:
+    return Response(openapi_document(), mimetype="application/json")
 
 
 def _metrics() -> Response:

@@ -57,8 +57,14 @@ def debug_string(value: Any) -> str:
     """A JSON rendering of ``value`` for error messages, cut at 256 bytes like TF Serving's."""
     try:
         text = orjson.dumps(value)
-    except TypeError:  # NaN/Infinity read by the fallback parser
-        text = json.dumps(value).encode()
+    except TypeError:  # NaN/Infinity read by the fallback parser, or deeper than orjson writes
+        # Lazily, and only the part shown: a document nested a thousand deep (orjson reads up to
+        # 1024 levels) would exhaust the recursion limit if written whole.
+        text = b""
+        for chunk in json.JSONEncoder().iterencode(value):
+            text += chunk.encode()
+            if len(text) >= _MAX_DEBUG_BYTES:
+                break
     return text[:_MAX_DEBUG_BYTES].decode("utf-8", "replace")
 
 

@@ -177,8 +177,14 @@ def test_load_spreads_over_every_instance(farm: dict[str, object]) -> None:
     before = [metric_total(s.get("/metrics").text, ":tensorflow:serving:request_count") for s in servers]
     ok, failures = _load(nginx.url, threads=6, per_thread=30, start=1000.0)
     assert (ok, failures) == (180, [])
-    upstreams = Counter(str(e["upstream_addr"]) for e in nginx.access_log()
-                        if str(e["uri"]).endswith(":predict"))
+    # nginx writes a request's log line after its answer went out: wait for the last ones.
+    deadline = time.monotonic() + 10
+    while True:
+        upstreams = Counter(str(e["upstream_addr"]) for e in nginx.access_log()
+                            if str(e["uri"]).endswith(":predict"))
+        if sum(upstreams.values()) >= 180 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     assert set(upstreams) == {f"127.0.0.1:{s.port}" for s in servers}, upstreams
     assert min(upstreams.values()) >= 20, upstreams
     # Each instance's own metrics agree with what nginx sent it, and they add up to what was sent.

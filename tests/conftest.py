@@ -26,6 +26,20 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def wait_for_port(port: int, proc: subprocess.Popen, failure: str, timeout: float = 10.0) -> None:
+    """Wait until ``proc`` accepts connections on loopback ``port``; RuntimeError(``failure``) if it
+    exits or does not within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError(failure) from None
+            time.sleep(0.05)
+
+
 class Server:
     """A real ``gunicorn -c gunicorn_conf.py tfwsgi:app`` in its own process group."""
 
@@ -144,15 +158,7 @@ class MemcachedServer:
         self.proc = subprocess.Popen(
             ["memcached", "-l", "127.0.0.1", "-p", str(self.port), "-U", "0", "-m", str(memory_mb),
              *user], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return
-            except OSError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError("memcached did not start") from None
-                time.sleep(0.05)
+        wait_for_port(self.port, self.proc, "memcached did not start")
 
     def command(self, line: bytes) -> bytes:
         with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import ROOT, Server, free_port, metric_total
+from conftest import ROOT, Server, free_port, metric_total, wait_for_port
 from tfwsgi.settings import from_env
 
 pytestmark = pytest.mark.e2e
@@ -64,14 +64,10 @@ class Nginx:
         assert check.returncode == 0, check.stderr
         self.proc = subprocess.Popen([*args, "-g", "daemon off;"], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return
-            except OSError:
-                assert self.proc.poll() is None and time.monotonic() < deadline, self.error_log()
-                time.sleep(0.05)
+        try:
+            wait_for_port(self.port, self.proc, "nginx did not start")
+        except RuntimeError:
+            raise AssertionError(self.error_log()) from None
 
     def error_log(self) -> str:
         return (self.root / "logs" / "error.log").read_text(errors="replace")

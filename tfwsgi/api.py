@@ -40,7 +40,7 @@ _INT64_MAX = 2**63 - 1
 _DRAIN_LIMIT = 256 * 1024 * 1024
 _CHUNK = 1 << 20
 
-_CORS = [("Access-Control-Allow-Origin", "*"), ("Access-Control-Allow-Methods", "POST, GET"),
+CORS_HEADERS = [("Access-Control-Allow-Origin", "*"), ("Access-Control-Allow-Methods", "POST, GET"),
          ("Access-Control-Allow-Headers", "Content-Type")]
 
 
@@ -232,7 +232,7 @@ class RestAPI:
         if path[:4].lower() != "/v1/":
             return self.next_app(environ, start_response)
         method = environ["REQUEST_METHOD"]
-        extra = _CORS if self.cors else []
+        extra = CORS_HEADERS if self.cors else []
         if method == "OPTIONS" and self.cors:
             start_response(_STATUS_LINES[204], list(extra))
             return []

@@ -12,7 +12,7 @@ from flask import Flask, Response, current_app, request
 from flask.sessions import NullSession, SessionInterface, SessionMixin
 
 from . import codec, metrics
-from .api import RestAPI
+from .api import CORS_HEADERS, RestAPI
 from .batching import Batcher, BatchingParameters, parse_batching_parameters
 from .cache import PredictionCache
 from .dataplane import DataPlane
@@ -135,7 +135,6 @@ def _unexpected(exc: Exception) -> Response:
 
 
 def _cors(response: Response) -> Response:
-    response.headers["Access-Control-Allow-Origin"] = "*"
-    response.headers["Access-Control-Allow-Methods"] = "POST, GET"
-    response.headers["Access-Control-Allow-Headers"] = "Content-Type"
+    for name, value in CORS_HEADERS:  # the same headers the /v1 API sends
+        response.headers[name] = value
     return response

@@ -17,7 +17,7 @@ from urllib.parse import unquote, urlsplit
 
 from werkzeug.http import HTTP_STATUS_CODES
 
-from . import codec, metrics
+from . import codec, dense, metrics
 from .cache import Outcome, request_policy
 from .dataplane import DataPlane
 from .errors import CODE_NAMES, InvalidArgument, TFWSGIError
@@ -77,9 +77,12 @@ class Call:
     def policy(self) -> str:
         return request_policy(self.environ.get("HTTP_CACHE_CONTROL"))
 
+    def raw_body(self) -> bytes:
+        return read_body(self.environ, self.state.settings.max_request_bytes)
+
     def body(self) -> dict[str, Any]:
         """The JSON object, read straight from the server's input."""
-        return codec.parse_json(read_body(self.environ, self.state.settings.max_request_bytes))
+        return codec.parse_json(self.raw_body())
 
 
 def read_body(environ: dict[str, Any], limit: int) -> bytes:
@@ -145,11 +148,19 @@ Answer = tuple[bytes, Outcome | None]
 
 
 def predict(call: Call) -> Answer:
-    doc = call.body()
-    signature_name = codec.signature_name(doc)
-    servable = call.servable()
-    sig = servable.signature(signature_name)
-    inputs, fmt = codec.decode_predict(doc, sig.inputs)
+    raw = call.raw_body()
+    inputs = None
+    found = dense.parse(raw)  # one dense array of numbers: decoded without a Python float each
+    if found is not None:
+        servable = call.servable()
+        sig = servable.signature(found.signature_name)
+        inputs, fmt = found.inputs(sig.inputs), found.fmt
+    if inputs is None:
+        doc = codec.parse_json(raw)
+        signature_name = codec.signature_name(doc)
+        servable = call.servable()
+        sig = servable.signature(signature_name)
+        inputs, fmt = codec.decode_predict(doc, sig.inputs)
     outputs, outcome = call.dataplane.predict(servable, sig, inputs, call.policy())
     return codec.encode_predict(outputs, fmt), outcome
 

@@ -36,6 +36,41 @@ def fitted_threads(settings: Settings, workers: int, cores: int | None = None) -
     return intra, inter
 
 
+def cpu_groups(cpus: list[int], workers: int) -> list[tuple[int, ...]]:
+    """The cores split over the workers: ``cores ÷ workers`` each (as ``fitted_threads`` fits
+    TF's threads), or one each when there are more workers than cores."""
+    cpus = sorted(cpus)
+    if workers >= len(cpus):
+        return [(c,) for c in cpus]
+    k = len(cpus) // max(1, workers)
+    return [tuple(cpus[i * k:(i + 1) * k]) for i in range(workers)]
+
+
+def pick_cpus(groups: list[tuple[int, ...]], taken: list[tuple[int, ...] | None]) -> tuple[int, ...]:
+    """The group the fewest live workers hold (the first of equals)."""
+    return min(groups, key=lambda g: (taken.count(g), groups.index(g)))
+
+
+def pre_fork(server: Any, worker: Any) -> None:
+    """Master, before each fork: choose the new worker's cores (``TFWSGI_CPU_AFFINITY``) among
+    those its live siblings leave, so a replaced worker takes the cores of the one it replaces."""
+    if not from_env().cpu_affinity or not hasattr(os, "sched_getaffinity"):
+        return
+    groups = cpu_groups(list(os.sched_getaffinity(0)), server.num_workers)
+    taken = [getattr(w, "tfwsgi_cpus", None) for w in server.WORKERS.values()]
+    worker.tfwsgi_cpus = pick_cpus(groups, taken)
+
+
+def _pin(worker: Any) -> None:
+    """Worker: run on the cores the master chose; threads started from here on inherit them."""
+    cpus = getattr(worker, "tfwsgi_cpus", None)
+    if cpus:
+        try:
+            os.sched_setaffinity(0, cpus)
+        except OSError as exc:  # a cpuset changed under us: run unpinned
+            log.warning("tfwsgi: could not pin worker %d to cores %s: %s", os.getpid(), cpus, exc)
+
+
 def _share_gunicorn_logging(server: Any) -> None:
     """Send the ``tfwsgi`` logger to gunicorn's error log, at its level."""
     error_log = server.log.error_log
@@ -220,14 +255,16 @@ def post_worker_init(worker: Any) -> None:
     from .metrics import start_flushing
 
     start_flushing()
-    worker.log.info("tfwsgi: worker %d ready in %.2fs (intra_op=%d inter_op=%d)",
-                    os.getpid(), time.monotonic() - _started, *_tf_threads)
+    cpus = ",".join(map(str, sorted(os.sched_getaffinity(0)))) if hasattr(os, "sched_getaffinity") else "?"
+    worker.log.info("tfwsgi: worker %d ready in %.2fs (intra_op=%d inter_op=%d cores=%s)",
+                    os.getpid(), time.monotonic() - _started, *_tf_threads, cpus)
 
 
 def post_fork(server: Any, worker: Any) -> None:
     """Worker, right after fork: fit TF's threads, then load every model once, before traffic."""
     global _manager, _heartbeat, _started, _tf_threads
     _started = time.monotonic()
+    _pin(worker)  # first: every thread made below inherits the cores
     _share_gunicorn_logging(server)
     _heartbeat = _Heartbeat(worker, interval=min(1.0, server.cfg.timeout / 4))
     settings = from_env()

@@ -89,6 +89,11 @@ SETTINGS: tuple[Setting, ...] = (
             _non_negative),
     Setting("tensorflow_inter_op_parallelism", int, 0,
             "Ops run in parallel in each worker. 0 fits it to the machine: 1.", _non_negative),
+    Setting("cpu_affinity", bool, True,
+            "Pin each worker to its share of the cores this server may use (split evenly over "
+            "the workers, as the TF threads are; with more workers than cores, one core each, "
+            "balanced): its threads stay on one core, where the GIL changes hands cheaply. "
+            "Turn it off when other busy processes share the cores."),
     Setting("file_system_poll_wait_seconds", int, 1,
             "How often each worker looks for new, removed or changed versions under the base "
             "paths; 0 looks once, at start.", _non_negative),

@@ -128,11 +128,10 @@ def _import_tensorflow(server: Any) -> None:
     import orjson  # noqa: F401
     import pymemcache.client.hash  # noqa: F401
     import werkzeug.http  # noqa: F401
-    from tensorflow.python.eager import context
 
-    from . import servable  # noqa: F401  (TensorFlow, protobufs, our TF module)
+    from . import servable  # TensorFlow, protobufs, our TF module
 
-    if context.context()._initialized:  # pragma: no cover - would be a bug in this module
+    if servable.runtime_initialized():  # pragma: no cover - would be a bug in this module
         raise RuntimeError("TensorFlow's runtime was initialised in gunicorn's master")
     server.log.info("tfwsgi: TensorFlow imported in the master in %.2fs (not initialised)",
                     time.monotonic() - started)

@@ -113,10 +113,14 @@ def on_starting(server: Any) -> None:
     for c in configs:
         server.log.info("tfwsgi: model %s from %s (%s)", c.name, c.base_path, c.policy.kind)
     if settings.preload_tensorflow:
+        # No collections during the import: the cycles they would free leave holes all over the
+        # heap, which each worker's first allocations fill, copying those pages (4 MB a worker).
+        gc.disable()
         _import_tensorflow(server)
     # Every object the master holds now (TensorFlow's modules among them) moves to a generation
     # the collector never walks, so no collection in a worker writes to (and copies) their pages.
     gc.freeze()
+    gc.enable()
 
 
 def _import_tensorflow(server: Any) -> None:

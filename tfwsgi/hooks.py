@@ -148,10 +148,14 @@ def on_starting(server: Any) -> None:
     for c in configs:
         server.log.info("tfwsgi: model %s from %s (%s)", c.name, c.base_path, c.policy.kind)
     if settings.preload_tensorflow:
+        # No collections during the import: the cycles they would free leave holes all over the
+        # heap, which each worker's first allocations fill, copying those pages (4 MB a worker).
+        gc.disable()
         _import_tensorflow(server)
     # Every object the master holds now (TensorFlow's modules among them) moves to a generation
     # the collector never walks, so no collection in a worker writes to (and copies) their pages.
     gc.freeze()
+    gc.enable()
 
 
 def _import_tensorflow(server: Any) -> None:
@@ -163,11 +167,10 @@ def _import_tensorflow(server: Any) -> None:
     import orjson  # noqa: F401
     import pymemcache.client.hash  # noqa: F401
     import werkzeug.http  # noqa: F401
-    from tensorflow.python.eager import context
 
-    from . import servable  # noqa: F401  (TensorFlow, protobufs, our TF module)
+    from . import servable  # TensorFlow, protobufs, our TF module
 
-    if context.context()._initialized:  # pragma: no cover - would be a bug in this module
+    if servable.runtime_initialized():  # pragma: no cover - would be a bug in this module
         raise RuntimeError("TensorFlow's runtime was initialised in gunicorn's master")
     server.log.info("tfwsgi: TensorFlow imported in the master in %.2fs (not initialised)",
                     time.monotonic() - started)

@@ -1,6 +1,6 @@
 """Soak run (issue 7): a bounded run at 80% of measured peak throughput, with faults of time.
 
-    .venv/bin/python bench/soak.py [--duration 600] [--window 10] [--connections 16]
+    .venv/bin/python bench/soak.py [--duration 600] [--window 10] [--connections 32] [--load 0.8]
                                    [--tfwsgi-args '-w 2'] [--tfwsgi-env 'TFWSGI_X=y ...']
 
 Builds two versions of the reference MLP (bench/reference_models.py), serves version 1 with
@@ -9,7 +9,8 @@ and drives it with wrk over loopback and a request mix: 60% cache hits (16 bodie
 again), 30% misses (a new body every time, in every wrk run: the model runs), 10% bad requests
 (half malformed JSON, 400; half an unknown model, 404), counted apart from errors. wrk has no rate
 limit (wrk2 is not packaged): the peak is measured first (same mix, no delay, 32 connections),
-then each connection waits between requests (wrk's ``delay()`` hook, whose whole milliseconds the
+then each connection (as many as for the peak: fewer may not reach the target however short
+their wait) waits between requests (wrk's ``delay()`` hook, whose whole milliseconds the
 script dithers to a fractional mean), for a delay calibrated by short runs until one holds
 ``--load`` (0.8) of the peak within 2%; after each window the next one's delay is corrected by
 half the error, as response times drift. Half-way through, version 2 is renamed into the base
@@ -174,6 +175,10 @@ def calibrate(url: str, work: Path, vector: list[str], target: float, connection
         best = min(best, (abs(error), delay, r["rps"]))
         if abs(error) <= tolerance:
             break
+        if delay == 0 and error < 0:
+            print(f"calibrating: {connections} connections without delay stay below the target: "
+                  "more --connections are needed", flush=True)
+            break
         delay = next_delay(delay, connections, target, r["rps"])
     return best[1], best[2]
 
@@ -334,7 +339,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=int, default=600, help="seconds of soak (default 600)")
     parser.add_argument("--window", type=int, default=10, help="seconds per measured window")
-    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--connections", type=int, default=PEAK_CONNECTIONS,
+                        help="as many as for the peak (default), or the target may be out of reach")
     parser.add_argument("--load", type=float, default=0.8, help="fraction of peak to hold")
     parser.add_argument("--peak-seconds", type=int, default=10)
     parser.add_argument("--tfwsgi-args", default="", help="extra gunicorn flags (-w N for workers)")

@@ -183,19 +183,33 @@ def calibrate(url: str, work: Path, vector: list[str], target: float, connection
     return best[1], best[2]
 
 
+def anonymous_kb(pid: int) -> int:
+    """A process's anonymous memory (its heaps; PSS adds its share of mapped files)."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Anonymous:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 class MemorySampler(threading.Thread):
-    """Every worker's PSS (MB) every ``every`` seconds: (t, {pid: MB})."""
+    """Every worker's PSS (MB) every ``every`` seconds: (t, {pid: MB}); anonymous memory apart."""
 
     def __init__(self, srv: Server, started: float, every: float = 2.0) -> None:
         super().__init__(daemon=True)
         self.srv, self.started, self.every = srv, started, every
         self.samples: list[tuple[float, dict[int, float]]] = []
+        self.anonymous: list[tuple[float, dict[int, float]]] = []
         self.stop = threading.Event()
 
     def run(self) -> None:
         while not self.stop.is_set():
-            self.samples.append((time.monotonic() - self.started,
-                                 {p: pss_kb(p) / 1024 for p in self.srv.worker_pids()}))
+            t, pids = time.monotonic() - self.started, self.srv.worker_pids()
+            self.samples.append((t, {p: pss_kb(p) / 1024 for p in pids}))
+            self.anonymous.append((t, {p: anonymous_kb(p) / 1024 for p in pids}))
             self.stop.wait(self.every)
 
 
@@ -257,7 +271,8 @@ def soak(args: argparse.Namespace, work: Path) -> dict:
         status = requests.get(srv.url + "/v1/models/m", timeout=10).json()["model_version_status"]
         return {"peak": peak, "target": target, "delay_ms": first_delay, "calibrated": calibrated,
                 "windows": windows,
-                "memory": sampler.samples, "swap_at": swap_at, "status": status,
+                "memory": sampler.samples, "anonymous": sampler.anonymous, "swap_at": swap_at,
+                "status": status,
                 "workers_replaced": sorted(pids_before - srv.worker_pids()), "workers": workers,
                 "connections": args.connections, "load": args.load,
                 "memcached": {k: mc.stats()[k] for k in ("get_hits", "get_misses", "curr_items")}}
@@ -282,6 +297,7 @@ def summarize(res: dict, duration: float, compare: float) -> dict:
     growth = {}
     for pid in {p for _, m in res["memory"] for p in m}:
         series = [(t, m[pid]) for t, m in res["memory"] if pid in m and m[pid] > 0]
+        anon = [(t, m[pid]) for t, m in res["anonymous"] if pid in m and m[pid] > 0]
 
         def mean(lo: float, hi: float, series: list = series) -> float:
             values = [v for t, v in series if lo <= t < hi]
@@ -291,7 +307,9 @@ def summarize(res: dict, duration: float, compare: float) -> dict:
         after, last = mean(settled, settled + compare / 2), mean(duration - compare, duration + 1)
         growth[pid] = {"first": first, "before_swap": before, "after_swap": after, "last": last,
                        "steady_pct": max((before / first - 1) * 100, (last / after - 1) * 100),
-                       "overall_pct": (last / first - 1) * 100}
+                       "overall_pct": (last / first - 1) * 100,
+                       "anon_first": mean(0, compare, anon),
+                       "anon_last": mean(duration - compare, duration + 1, anon)}
     total = sum(x["c200"] + x["c400"] + x["c404"] + x["c5xx"] + x["cother"] for x in w)
     bad = sum(x["c400"] + x["c404"] for x in w)
     bad_sent = sum(x["bad_sent"] for x in w)
@@ -383,7 +401,9 @@ def main() -> int:
         + "; ".join(
             f"{g['first']:.1f}, {g['before_swap']:.1f}, {g['after_swap']:.1f}, {g['last']:.1f} "
             f"(**overall {g['overall_pct']:+.1f}%** with the swap's step, steady {g['steady_pct']:+.1f}%)"
-            for g in s["memory"].values()) + f"; versions at the end: {versions};",
+            for g in s["memory"].values()) + f"; versions at the end: {versions}; anonymous memory "
+        "(MB, first → last): " + ", ".join(f"{g['anon_first']:.1f} → {g['anon_last']:.1f}"
+                                            for g in s["memory"].values()) + ";",
         f"- memcached: {res['memcached']}.",
         "", f"Verdict: **{'PASS' if ok else 'FAIL'}**.", "",
         "| t (s) | delay ms | req/s | p50 ms | p99 ms | 200 | 400 | 404 | errors |",

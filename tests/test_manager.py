@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 
 from tfwsgi.errors import InvalidArgument, NotFound, TFWSGIError
@@ -9,6 +12,8 @@ from tfwsgi.hooks import fitted_threads
 from tfwsgi.manager import AVAILABLE, END, LOADING, ModelManager, RetryPolicy
 from tfwsgi.settings import from_env
 from tfwsgi.source import ALL, LATEST, ModelConfig, VersionPolicy
+
+real_collect = gc.collect
 
 
 class Fake:
@@ -183,6 +188,62 @@ def test_removed_version_unloads_but_never_the_last(tmp_path):
     disk.remove(1)
     mgr.reconcile()
     assert mgr.servable("m").version == 1  # nothing else to serve: it stays (availability first)
+
+
+class Cyclic(Fake):
+    """A servable that, like a loaded SavedModel, lives in reference cycles: only the cycle
+    collector frees it."""
+
+    def __init__(self, name: str, version: int, path: str) -> None:
+        super().__init__(name, version, path)
+        self.me = self
+
+
+def test_unloaded_version_is_freed_by_the_pass_that_unloads_it(tmp_path):
+    mgr, disk = disk_manager(tmp_path)
+    mgr._loader = lambda name, version, path: Cyclic(name, version, path)
+    disk.add(2)
+    mgr.reconcile()
+    held = weakref.ref(mgr.servable("m"))
+    disk.add(3)
+    mgr.reconcile()
+    assert mgr.servable("m").version == 3
+    assert held() is None  # not left for a later full collection (the next swap's)
+
+
+def test_version_held_by_a_request_is_freed_once_it_ends(tmp_path, monkeypatch):
+    mgr, disk = disk_manager(tmp_path)
+    mgr._loader = lambda name, version, path: Cyclic(name, version, path)
+    disk.add(2)
+    mgr.reconcile()
+    in_flight = mgr.servable("m")
+    held = weakref.ref(in_flight)
+    disk.add(3)
+    collections: list[int] = []
+    monkeypatch.setattr(gc, "collect", lambda *a: collections.append(1) or real_collect(*a))
+    mgr.reconcile()
+    assert held() is not None and mgr.servable("m").version == 3 and collections == [1]
+    mgr.reconcile()  # one pass later: still held, collected again
+    assert held() is not None and collections == [1, 1]
+    mgr.reconcile()  # then 2 passes later, 4 …
+    assert collections == [1, 1]
+    del in_flight  # the request ends: the version is garbage in a cycle
+    mgr.reconcile()
+    assert held() is None and collections == [1, 1, 1]
+    for _ in range(10):
+        mgr.reconcile()
+    assert collections == [1, 1, 1]  # nothing left: passes cost no collection
+
+
+def test_collections_for_a_version_never_let_go_stop(tmp_path, monkeypatch):
+    mgr, disk = disk_manager(tmp_path)
+    leaked = mgr.servable("m")
+    disk.add(2)
+    collections: list[int] = []
+    monkeypatch.setattr(gc, "collect", lambda *a: collections.append(1) or real_collect(*a))
+    for _ in range(300):
+        mgr.reconcile()
+    assert leaked.version == 1 and len(collections) == 8  # after 1, 1, 2, 4 … 64 passes
 
 
 def test_version_back_on_disk_is_loaded_again(tmp_path):

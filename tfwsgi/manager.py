@@ -11,11 +11,13 @@ model's versions and labels, which a request reads once.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -101,6 +103,9 @@ class ModelManager:
         self._write = threading.RLock()  # one writer at a time: load_all, reconcile, set_configs
         self._models: dict[str, ModelEntry] = {c.name: ModelEntry(c) for c in configs}
         self._removed: dict[str, ModelEntry] = {}
+        self._unloaded: list[weakref.ref[Any]] = []  # unloaded servables not yet freed
+        self._collect_in = 0  # passes until the next collection for them (0: none due)
+        self._collect_wait = 0  # passes between that collection and the one before
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
 
@@ -164,6 +169,28 @@ class ModelManager:
                     log.exception("tfwsgi: reconciling model %s failed", entry.config.name)
             for name, entry in list(self._removed.items()):
                 self._unload_all(name, entry)
+            self._release_unloaded()
+
+    def _release_unloaded(self) -> None:
+        """Free the memory of unloaded versions, at the end of a pass (no frame of the manager
+        holds an old snapshot any more). A loaded SavedModel is a web of reference cycles
+        (graphs, functions, variables) that only a full collection frees, and one run while
+        anything still refers to the version leaves it for some far-off collection. A version
+        still held by a request in flight is collected again a pass later, then 2, 4 … 64 passes
+        later, and then left to Python's own collections."""
+        if self._collect_in == 0:
+            return
+        self._collect_in -= 1
+        if self._collect_in > 0:
+            return
+        gc.collect()
+        _trim_heap()
+        self._unloaded = [ref for ref in self._unloaded if ref() is not None]
+        self._collect_wait = max(1, self._collect_wait * 2)
+        if self._unloaded and self._collect_wait <= 64:
+            self._collect_in = self._collect_wait
+        else:
+            self._unloaded, self._collect_wait = [], 0
 
     def set_configs(self, configs: Sequence[ModelConfig]) -> None:
         """A new model config: added models load on the next reconcile, removed ones unload."""
@@ -247,6 +274,7 @@ class ModelManager:
         for version in leaving:
             self._unload(entry, version)
         # Labels whose target became available since the last pass move now.
+        versions = entry.snapshot.versions  # not the one from before the unloads
         if dict(entry.snapshot.labels) != {k: v for k, v in cfg.labels.items()
                                            if versions.get(v) and versions[v].state == AVAILABLE}:
             self._publish(entry, entry.snapshot.versions)
@@ -279,12 +307,13 @@ class ModelManager:
                  os.getpid(), name, version, time.monotonic() - started)
 
     def _unload(self, entry: ModelEntry, version: int) -> None:
+        """Stop serving a version; its memory is freed by ``_release_unloaded`` after the pass."""
         state = entry.snapshot.versions[version]
         self._set(entry, replace(state, state=UNLOADING))
         self._set(entry, replace(state, state=END, servable=None))
-        del state
-        gc.collect()  # let TensorFlow free the version's memory now, not at some later collection
-        _trim_heap()
+        self._collect_in, self._collect_wait = 1, 0  # at the end of this pass
+        with contextlib.suppress(TypeError):  # no weak reference: collected on this pass only
+            self._unloaded.append(weakref.ref(state.servable))
         log.info("tfwsgi: pid %d unloaded model %s version %d", os.getpid(), entry.config.name, version)
 
     def _unload_all(self, name: str, entry: ModelEntry) -> None:

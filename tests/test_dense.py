@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import numpy as np
 import orjson
@@ -143,8 +144,20 @@ def test_only_one_floating_point_input_is_decoded_here() -> None:
     assert found.inputs({"x": np.dtype(np.float32)})["x"].dtype == np.float32
 
 
-def test_the_parser_is_reused_and_bounded() -> None:
-    body = orjson.dumps({"instances": [[0.5] * INNER] * 4})
-    for _ in range(10):
-        assert dense.parse(body) is not None
-    assert dense._pool.qsize() <= dense._POOL_SIZE
+def test_parsers_are_reused_and_bounded_however_many_threads_parse() -> None:
+    body = orjson.dumps({"instances": [[0.5] * INNER] * 256})
+    results: list[bool] = []
+
+    def work() -> None:
+        for _ in range(50):
+            found = dense.parse(body)
+            results.append(found is not None and found.array.shape == (256, INNER))
+
+    threads = [threading.Thread(target=work) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 16 * 50 and all(results)
+    assert dense._made <= dense._POOL_SIZE
+    assert dense._pool.qsize() == dense._made  # every parser came back

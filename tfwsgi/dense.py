@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import queue
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -23,10 +24,14 @@ import simdjson
 
 from .codec import _MAX_RANK, COLUMNAR, ROW
 
-# simdjson parsers are not thread-safe and keep the buffers of the largest body they parsed, so
-# a few are pooled (the GIL lets few parse at once) rather than one kept per connection thread.
+# simdjson parsers are not thread-safe and keep the buffers of the largest body they parsed
+# (about 1.2 bytes per body byte), so a worker has a fixed few, made when first needed, and a
+# thread that finds them all busy waits for one (a parse takes well under a millisecond) rather
+# than making more: memory stays bounded however many connection threads parse at once.
 _POOL_SIZE = 2
 _pool: queue.SimpleQueue[simdjson.Parser] = queue.SimpleQueue()
+_made = 0
+_making = threading.Lock()
 
 # Below this innermost dimension the general path is as fast, and checking the shape here (one
 # step per list) costs more than it saves.
@@ -57,15 +62,24 @@ class Dense:
 
 def parse(body: bytes) -> Dense | None:
     """The body as a Dense array, or None when only the general path can decode it."""
-    try:
-        parser = _pool.get_nowait()
-    except queue.Empty:
-        parser = simdjson.Parser()
+    parser = _take()
     try:
         return _parse(parser, body)
     finally:
-        if _pool.qsize() < _POOL_SIZE:
-            _pool.put(parser)
+        _pool.put(parser)
+
+
+def _take() -> simdjson.Parser:
+    global _made
+    try:
+        return _pool.get_nowait()
+    except queue.Empty:
+        pass
+    with _making:
+        if _made < _POOL_SIZE:
+            _made += 1
+            return simdjson.Parser()
+    return _pool.get()
 
 
 def _parse(parser: simdjson.Parser, body: bytes) -> Dense | None:

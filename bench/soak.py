@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from reference_models import build_mlp  # noqa: E402
-from swap_bench import pss_kb  # noqa: E402
+from swap_bench import pss_kb, smaps_kb  # noqa: E402
 
 from conftest import MemcachedServer, Server  # noqa: E402
 
@@ -185,14 +185,7 @@ def calibrate(url: str, work: Path, vector: list[str], target: float, connection
 
 def anonymous_kb(pid: int) -> int:
     """A process's anonymous memory (its heaps; PSS adds its share of mapped files)."""
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Anonymous:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
+    return smaps_kb(pid, "Anonymous")
 
 
 class MemorySampler(threading.Thread):

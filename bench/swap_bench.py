@@ -35,15 +35,20 @@ from reference_models import build_mlp  # noqa: E402
 from conftest import Server  # noqa: E402
 
 
-def pss_kb(pid: int) -> int:
+def smaps_kb(pid: int, field: str) -> int:
+    """One field of a process's /proc/<pid>/smaps_rollup, in kB (0 once the process is gone)."""
     try:
         with open(f"/proc/{pid}/smaps_rollup") as f:
             for line in f:
-                if line.startswith("Pss:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1])
     except OSError:
         pass
     return 0
+
+
+def pss_kb(pid: int) -> int:
+    return smaps_kb(pid, "Pss")
 
 
 class Probe:

@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from reference_models import build_conv, build_mlp  # noqa: E402
+from soak import next_delay  # noqa: E402
 from swap_bench import pss_kb  # noqa: E402
 
 from conftest import Server, free_port  # noqa: E402
@@ -187,9 +188,7 @@ def soak(work: Path, seconds: int, tfwsgi_args: tuple[str, ...], tfwsgi_env: dic
             best = min(best, (abs(got / target - 1), delay))
             if best[0] < 0.02:
                 break
-            # rate ≈ connections / (service + delay): solve for the delay that gives the target
-            service = connections / got * 1000 - delay
-            delay = max(0.0, connections / target * 1000 - service)
+            delay = next_delay(delay, connections, target, got)
         delay = best[1]
         print(f"soak: peak {peak:.0f} req/s, target {target:.0f}, pause {delay:.2f} ms per request",
               flush=True)
@@ -217,9 +216,7 @@ def soak(work: Path, seconds: int, tfwsgi_args: tuple[str, ...], tfwsgi_env: dic
             nxt = min(30, seconds - done)
             aim = target if nxt <= 0 else (target * (done + nxt) - requests_total) / nxt
             aim = min(max(aim, 0.7 * peak), 0.95 * peak)
-            service = connections / got["rps"] * 1000 - delay
-            wanted = max(0.0, connections / aim * 1000 - service)
-            delay = max(0.0, delay + (wanted - delay) / 2)
+            delay = next_delay(delay, connections, aim, got["rps"], gain=0.5)
         result = {"rps": requests_total / seconds, "p99_ms": max(p99s), "errors": errors}
         mems = [m for _, m in samples]
         return {"peak_rps": peak, "target_rps": target, "delay_ms": delay, **result,

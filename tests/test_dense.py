@@ -142,6 +142,8 @@ def test_only_one_floating_point_input_is_decoded_here() -> None:
     assert found.inputs({"x": np.dtype(object)}) is None
     assert found.inputs({"x": np.dtype(np.float32), "y": np.dtype(np.float32)}) is None
     assert found.inputs({"x": np.dtype(np.float32)})["x"].dtype == np.float32
+    assert dense.decodes({"x": np.dtype(np.float16)})
+    assert not dense.decodes({"x": np.dtype(np.uint8)}) and not dense.decodes({})
 
 
 def test_parsers_are_reused_and_bounded_however_many_threads_parse() -> None:

@@ -150,7 +150,9 @@ Answer = tuple[bytes, Outcome | None]
 def predict(call: Call) -> Answer:
     raw = call.raw_body()
     inputs = None
-    found = dense.parse(raw)  # one dense array of numbers: decoded without a Python float each
+    # One dense array of numbers: decoded without a Python float each, when the model has a
+    # signature that path can feed (else the body would be parsed twice for nothing).
+    found = dense.parse(raw) if _takes_dense(call) else None
     if found is not None:
         servable = call.servable()
         sig = servable.signature(found.signature_name)
@@ -163,6 +165,13 @@ def predict(call: Call) -> Answer:
         inputs, fmt = codec.decode_predict(doc, sig.inputs)
     outputs, outcome = call.dataplane.predict(servable, sig, inputs, call.policy())
     return codec.encode_predict(outputs, fmt), outcome
+
+
+def _takes_dense(call: Call) -> bool:
+    try:
+        return bool(call.servable().takes_dense)
+    except TFWSGIError:  # no such model or version: the general path answers, in its order
+        return False
 
 
 def _examples(call: Call) -> tuple[str, Any]:

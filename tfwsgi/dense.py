@@ -52,12 +52,15 @@ class Dense:
     def inputs(self, signature_inputs: Mapping[str, np.dtype]) -> dict[str, np.ndarray] | None:
         """The decoded inputs for a signature with one floating-point input, else None (then the
         general path decides: several inputs want objects; integers must not be rounded)."""
-        if len(signature_inputs) != 1:
+        if not decodes(signature_inputs):
             return None
         ((name, dtype),) = signature_inputs.items()
-        if dtype.kind != "f":
-            return None
         return {name: self.array.astype(dtype, copy=False)}
+
+
+def decodes(signature_inputs: Mapping[str, np.dtype]) -> bool:
+    """Whether this path can decode inputs for the signature: exactly one, floating-point."""
+    return len(signature_inputs) == 1 and next(iter(signature_inputs.values())).kind == "f"
 
 
 def parse(body: bytes) -> Dense | None:

@@ -19,6 +19,7 @@ import numpy as np
 from google.protobuf import json_format, text_format
 from google.protobuf.message import DecodeError
 
+from . import dense
 from .errors import FailedPrecondition, InvalidArgument, TFWSGIError
 
 
@@ -182,6 +183,8 @@ class Servable:
                 outputs={k: _numpy_dtype(info.dtype) for k, info in sig_def.outputs.items()},
                 fn=fn,
             )
+        # Whether a predict body is worth trying on the dense path (tfwsgi/dense.py) at all.
+        self.takes_dense = any(dense.decodes(s.inputs) for s in self.signatures.values())
 
     def warmup(self, iterations: int = 1) -> int:
         """Replay ``assets.extra/tf_serving_warmup_requests`` (TFRecord of PredictionLog, at most

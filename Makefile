@@ -6,7 +6,7 @@ MODELS := build/models
 PORT ?= 8501
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all venv system-deps demo-model serve test lint unit clean install
+.PHONY: all venv serve-deps system-deps demo-model serve test lint unit clean install
 
 all: test
 
@@ -18,23 +18,32 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 venv: $(VENV)/.installed
 
-# System packages the tests and benchmarks drive for real.
-SYSTEM_PACKAGES := curl procps memcached wrk nginx systemd
-system-deps:
-	@missing=""; for p in $(SYSTEM_PACKAGES); do \
+# System packages: jemalloc for serving (TFWSGI_MEMORY_ALLOCATOR, see the README), and what the
+# tests and benchmarks drive for real.
+SERVE_PACKAGES := libjemalloc2
+SYSTEM_PACKAGES := $(SERVE_PACKAGES) curl procps memcached wrk nginx systemd
+define apt_install
+	@missing=""; for p in $(1); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
 	done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
 	fi
+endef
+
+serve-deps:
+	$(call apt_install,$(SERVE_PACKAGES))
+
+system-deps:
+	$(call apt_install,$(SYSTEM_PACKAGES))
 
 $(MODELS)/half_plus_two/1/saved_model.pb: tfwsgi/demo.py | venv
 	$(PY) -m tfwsgi.demo $(MODELS)
 
 demo-model: $(MODELS)/half_plus_two/1/saved_model.pb
 
-serve: venv demo-model
+serve: venv serve-deps demo-model
 	TFWSGI_MODEL_NAME=half_plus_two TFWSGI_MODEL_BASE_PATH=$(MODELS)/half_plus_two \
 	TFWSGI_REST_API_PORT=$(PORT) $(VENV)/bin/gunicorn -c gunicorn_conf.py tfwsgi:app
 

@@ -6,9 +6,14 @@ Command-line flags (``-b``, ``-w``, ``-k`` …) override these values. Model set
 
 import os
 
-from tfwsgi import hooks
+_environ = dict(os.environ)  # as the master was started (before the env file is applied)
+
+from tfwsgi import hooks  # noqa: E402
+from tfwsgi.allocator import use_jemalloc  # noqa: E402
 
 _settings = hooks.config_settings()  # TFWSGI_* variables, and TFWSGI_ENV_FILE (re-read on SIGHUP)
+if __name__ == "__config__":  # gunicorn reading it: may start the master again, with jemalloc
+    use_jemalloc(_settings.memory_allocator, _environ)
 
 bind = hooks.bind_addresses(_settings)  # a socket passed by systemd wins (tfwsgi.socket)
 workers = _settings.workers or os.cpu_count() or 1

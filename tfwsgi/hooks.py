@@ -259,8 +259,10 @@ def post_worker_init(worker: Any) -> None:
 
     start_flushing()
     cpus = ",".join(map(str, sorted(os.sched_getaffinity(0)))) if hasattr(os, "sched_getaffinity") else "?"
-    worker.log.info("tfwsgi: worker %d ready in %.2fs (intra_op=%d inter_op=%d cores=%s)",
-                    os.getpid(), time.monotonic() - _started, *_tf_threads, cpus)
+    from .allocator import active
+
+    worker.log.info("tfwsgi: worker %d ready in %.2fs (intra_op=%d inter_op=%d cores=%s malloc=%s)",
+                    os.getpid(), time.monotonic() - _started, *_tf_threads, cpus, active())
 
 
 def post_fork(server: Any, worker: Any) -> None:

@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from .allocator import release_free_memory
 from .errors import InvalidArgument, NotFound, TFWSGIError
 from .settings import Settings
 from .source import LATEST, ModelConfig, model_configs, scan_versions
@@ -73,17 +74,6 @@ class RetryPolicy:
 
     max_retries: int = 5
     interval_seconds: float = 60.0
-
-
-def _trim_heap() -> None:
-    """Hand freed heap pages back to the system (glibc keeps them otherwise), so an unloaded
-    version's memory leaves the worker's resident size."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
 
 
 def _default_loader(name: str, version: int, path: str) -> Any:
@@ -184,7 +174,7 @@ class ModelManager:
         if self._collect_in > 0:
             return
         gc.collect()
-        _trim_heap()
+        release_free_memory()
         self._unloaded = [ref for ref in self._unloaded if ref() is not None]
         self._collect_wait = max(1, self._collect_wait * 2)
         if self._unloaded and self._collect_wait <= 64:

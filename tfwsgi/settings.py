@@ -41,6 +41,11 @@ def _log_format(value: Any) -> None:
         raise ValueError(f"must be text or json, got {value!r}")
 
 
+def _memory_allocator(value: Any) -> None:
+    if value not in ("jemalloc", "system"):
+        raise ValueError(f"must be jemalloc or system, got {value!r}")
+
+
 def _positive(value: Any) -> None:
     if value <= 0:
         raise ValueError(f"must be > 0, got {value}")
@@ -119,6 +124,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("preload_tensorflow", bool, True,
             "Import (never run) TensorFlow in gunicorn's master before it forks, so every worker "
             "shares its code pages instead of loading its own copy."),
+    Setting("memory_allocator", str, "jemalloc",
+            "`jemalloc`: gunicorn's master starts itself again with jemalloc preloaded (when "
+            "libjemalloc.so.2 is installed) and TensorFlow allocates through it, so the memory of "
+            "an unloaded model version goes back to the system; `system`: glibc's malloc, and "
+            "TensorFlow keeps the large blocks it once used. Read at start.",
+            _memory_allocator),
     Setting("rest_api_port", int, 8501,
             "Port of the REST API when gunicorn's `-b/--bind` is not given "
             "(binds 0.0.0.0).", _port),

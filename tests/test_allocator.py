@@ -20,25 +20,29 @@ def test_loaded_reads_the_maps():
 
 
 def test_exec_environment_adds_the_preload_and_keeps_the_rest():
-    env = allocator.exec_environment("jemalloc", {"PATH": "/bin", "LISTEN_FDS": "1"}, False,
-                                     "libjemalloc.so.2")
+    env = allocator.exec_environment({"PATH": "/bin", "LISTEN_FDS": "1"}, "libjemalloc.so.2")
     assert env == {"PATH": "/bin", "LISTEN_FDS": "1", "LD_PRELOAD": "libjemalloc.so.2",
                    allocator.TRIED_ENV: "1"}
 
 
 def test_exec_environment_keeps_an_existing_preload_after_jemalloc():
-    env = allocator.exec_environment("jemalloc", {"LD_PRELOAD": "libfoo.so"}, False, "libjemalloc.so.2")
+    env = allocator.exec_environment({"LD_PRELOAD": "libfoo.so"}, "libjemalloc.so.2")
     assert env is not None and env["LD_PRELOAD"] == "libjemalloc.so.2 libfoo.so"
 
 
-@pytest.mark.parametrize("choice, environ, is_loaded, library", [
-    ("system", {}, False, "libjemalloc.so.2"),                          # the operator said no
-    ("jemalloc", {}, True, "libjemalloc.so.2"),                         # already in
-    ("jemalloc", {}, False, None),                                      # not installed
-    ("jemalloc", {allocator.TRIED_ENV: "1"}, False, "libjemalloc.so.2"),  # tried: never loop
+@pytest.mark.parametrize("environ, library", [
+    ({}, None),                                           # not installed
+    ({allocator.TRIED_ENV: "1"}, "libjemalloc.so.2"),      # tried: never loop
 ])
-def test_no_exec(choice, environ, is_loaded, library):
-    assert allocator.exec_environment(choice, environ, is_loaded, library) is None
+def test_no_exec(environ, library):
+    assert allocator.exec_environment(environ, library) is None
+
+
+def test_already_on_jemalloc_does_not_start_again(monkeypatch, no_exec):
+    monkeypatch.setattr(allocator, "_maps", lambda: MAPS_JEMALLOC)
+    monkeypatch.setattr(allocator.ctypes.util, "find_library", lambda name: "libjemalloc.so.2")
+    allocator.use_jemalloc("jemalloc", {})
+    assert no_exec == []
 
 
 @pytest.fixture

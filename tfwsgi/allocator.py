@@ -33,10 +33,10 @@ def loaded(maps: str) -> bool:
     return any("libjemalloc" in line for line in maps.splitlines())
 
 
-def exec_environment(choice: str, environ: Mapping[str, str], is_loaded: bool,
-                     library: str | None) -> dict[str, str] | None:
-    """The environment to start the master again with, or None to go on as it is."""
-    if choice != "jemalloc" or is_loaded or library is None or environ.get(TRIED_ENV):
+def exec_environment(environ: Mapping[str, str], library: str | None) -> dict[str, str] | None:
+    """The environment to start the master (not yet on jemalloc) again with, or None when it
+    cannot: no library, or this is already the second start."""
+    if library is None or environ.get(TRIED_ENV):
         return None
     preload = " ".join(p for p in (library, environ.get("LD_PRELOAD", "")) if p)
     return {**environ, "LD_PRELOAD": preload, TRIED_ENV: "1"}
@@ -57,7 +57,7 @@ def use_jemalloc(choice: str, environ: Mapping[str, str]) -> None:
     is_loaded = loaded(_maps())
     if choice == "jemalloc" and not is_loaded:
         library = ctypes.util.find_library(LIBRARY)
-        env = exec_environment(choice, environ, is_loaded, library)
+        env = exec_environment(environ, library)
         if env is not None:
             sys.stdout.flush()
             sys.stderr.flush()

@@ -8,6 +8,11 @@ request) and the peer (``gunicorn -w 2 bench.peers.plain_app:app``) for each cas
 wrk over loopback at each concurrency, interleaving the two servers, and writes
 docs/throughput-benchmark.md and docs/throughput-benchmark.png (throughput and p99 against
 concurrency). Worker memory (PSS) is sampled after each case's load.
+
+This machine is shared and noisy (one server's rate at one level moved by 1.5x between two runs a
+minute apart), so each level is measured ``--rounds`` times, the servers taking turns, each run
+after a ``--warmup`` of the same load that is not counted (it opens the connections and meets the
+batch sizes that level makes); the tables give the median run and the range.
 """
 
 from __future__ import annotations
@@ -92,8 +97,18 @@ class Peer:
         self.proc.wait(30)
 
 
+def median_run(runs: list[dict]) -> dict:
+    """The median of interleaved runs: its rate and p99 (each the median), the range of rates,
+    and every error of every run."""
+    rates = sorted(r["rps"] for r in runs)
+    return {"rps": float(np.median(rates)), "p99_ms": float(np.median([r["p99_ms"] for r in runs])),
+            "errors": sum(r["errors"] for r in runs), "rps_min": rates[0], "rps_max": rates[-1],
+            "runs": len(runs)}
+
+
 def run_case(name: str, work: Path, levels: list[int], duration: int,
-             tfwsgi_args: tuple[str, ...] = (), tfwsgi_env: dict[str, str] | None = None) -> dict:
+             tfwsgi_args: tuple[str, ...] = (), tfwsgi_env: dict[str, str] | None = None,
+             rounds: int = 1, warmup: int = 0) -> dict:
     model, shape = CASES[name]
     body = body_for(shape)
     body_file = work / f"{name}.json"
@@ -111,11 +126,17 @@ def run_case(name: str, work: Path, levels: list[int], duration: int,
         assert np.allclose(mine, theirs, rtol=1e-4, atol=1e-6), "the servers disagree"
         result: dict = {"tfwsgi": {}, "peer": {}}
         for c in levels:
-            for who, target in (("tfwsgi", url), ("peer", peer.url)):
-                r = wrk(target, body_file, c, duration)
-                result[who][c] = r
-                print(f"{name} c={c:3d} {who:6s} {r['rps']:8.0f} req/s p99 {r['p99_ms']:7.1f} ms "
-                      f"errors {r['errors']}", flush=True)
+            runs: dict[str, list[dict]] = {"tfwsgi": [], "peer": []}
+            for _ in range(rounds):
+                for who, target in (("tfwsgi", url), ("peer", peer.url)):
+                    if warmup:
+                        wrk(target, body_file, c, warmup)
+                    r = wrk(target, body_file, c, duration)
+                    runs[who].append(r)
+                    print(f"{name} c={c:3d} {who:6s} {r['rps']:8.0f} req/s p99 {r['p99_ms']:7.1f} ms "
+                          f"errors {r['errors']}", flush=True)
+            for who in runs:
+                result[who][c] = median_run(runs[who])
         result["pss_mb"] = {
             "tfwsgi": max(pss_kb(p) for p in srv.worker_pids()) / 1024,
             "peer": max(pss_kb(p) for p in peer.worker_pids()) / 1024,
@@ -235,7 +256,10 @@ def plot(results: dict, levels: list[int], path: Path) -> None:
     fig, axes = plt.subplots(2, len(results), figsize=(5 * len(results), 7), squeeze=False)
     for col, (name, res) in enumerate(results.items()):
         for who, style in (("tfwsgi", "o-"), ("peer", "s--")):
-            axes[0][col].plot(levels, [res[who][c]["rps"] for c in levels], style, label=who)
+            line, = axes[0][col].plot(levels, [res[who][c]["rps"] for c in levels], style, label=who)
+            axes[0][col].fill_between(levels, [res[who][c]["rps_min"] for c in levels],
+                                      [res[who][c]["rps_max"] for c in levels],
+                                      color=line.get_color(), alpha=0.15)  # the range of the runs
             axes[1][col].plot(levels, [res[who][c]["p99_ms"] for c in levels], style, label=who)
         axes[0][col].set_title(name)
         axes[0][col].set_ylabel("requests/s")
@@ -254,6 +278,10 @@ def main() -> int:
     parser.add_argument("--duration", type=int, default=10)
     parser.add_argument("--concurrency", default="1,8,32,64")
     parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="runs of each server at each level, taking turns (the median is reported)")
+    parser.add_argument("--warmup", type=int, default=2,
+                        help="seconds of the same load before each counted run")
     parser.add_argument("--tfwsgi-args", default="", help="extra gunicorn flags for tfwsgi")
     parser.add_argument("--soak-seconds", type=int, default=0,
                         help="also run mlp-1 this long at reduced load and track worker memory")
@@ -270,19 +298,22 @@ def main() -> int:
         env = dict(kv.split("=", 1) for kv in args.tfwsgi_env.split())
         for name in filter(None, args.cases.split(",")):
             results[name] = run_case(name, work, levels, args.duration,
-                                     tuple(args.tfwsgi_args.split()), env)
+                                     tuple(args.tfwsgi_args.split()), env, args.rounds, args.warmup)
         soaked = soak(work, args.soak_seconds, tuple(args.tfwsgi_args.split()), env) \
             if args.soak_seconds else None
     lines = [
         "# Throughput benchmark",
         "",
         f"`.venv/bin/python bench/throughput_bench.py --duration {args.duration} --concurrency "
-        f"{args.concurrency} --cases {args.cases}"
+        f"{args.concurrency} --cases {args.cases} --rounds {args.rounds} --warmup {args.warmup}"
         + (f" --tfwsgi-args '{args.tfwsgi_args}'" if args.tfwsgi_args else "")
         + (f" --tfwsgi-env '{args.tfwsgi_env}'" if args.tfwsgi_env else "")
         + f"` on {os.cpu_count()} cores. Both servers: gunicorn, "
         "2 workers, loopback, wrk; tfwsgi with its cache off (the model runs for every request); "
-        "the peer is bench/peers/plain_app.py.",
+        "the peer is bench/peers/plain_app.py. "
+        f"Each figure is the median of {args.rounds} runs of {args.duration} s per server, the servers "
+        f"taking turns, each run after {args.warmup} s of the same load that is not counted; "
+        "req/s is followed by the range of the runs; errors are those of every run.",
         "",
         "| case | connections | tfwsgi req/s | peer req/s | ratio | tfwsgi p99 ms | peer p99 ms | errors |",
         "|---|---|---|---|---|---|---|---|",
@@ -290,7 +321,9 @@ def main() -> int:
     for name, res in results.items():
         for c in levels:
             t, p = res["tfwsgi"][c], res["peer"][c]
-            lines.append(f"| {name} | {c} | {t['rps']:.0f} | {p['rps']:.0f} | {t['rps'] / p['rps']:.2f} | "
+            lines.append(f"| {name} | {c} | {t['rps']:.0f} ({t['rps_min']:.0f}–{t['rps_max']:.0f}) | "
+                         f"{p['rps']:.0f} ({p['rps_min']:.0f}–{p['rps_max']:.0f}) | "
+                         f"{t['rps'] / p['rps']:.2f} | "
                          f"{t['p99_ms']:.1f} | {p['p99_ms']:.1f} | {t['errors']} / {p['errors']} |")
     lines += ["", "| case | worker PSS tfwsgi (MB) | worker PSS peer (MB) | ratio |", "|---|---|---|---|"]
     for name, res in results.items():

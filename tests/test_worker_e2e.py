@@ -166,3 +166,15 @@ def test_killed_worker_is_replaced_and_its_siblings_keep_serving(start_server, m
     srv.wait_ready(count=2)
     assert failures == 0 and served >= 20
     assert victim not in srv.worker_pids()
+
+
+def test_requests_are_parsed_by_gunicorns_c_parser(start_server, model_root):
+    """gunicorn-h1c is a dependency, and gunicorn (http_parser = auto) parses with it."""
+    srv = start_server(hp_env(model_root), workers=1)
+    srv.wait_ready()
+    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30)
+    assert predict(conn).status == 200
+    conn.close()
+    for pid in srv.worker_pids():
+        with open(f"/proc/{pid}/maps") as f:
+            assert "gunicorn_h1c/_parser" in f.read()

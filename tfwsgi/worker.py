@@ -10,8 +10,9 @@ spread over the workers: a worker takes a new one only while it holds no more co
 the least loaded of its siblings (a counter per worker in memory shared by the master), or when
 nobody else took it within a few milliseconds.
 
-Parsing and responses are gunicorn's own (``gunicorn.http``), so its request limits, smuggling
-defences, access log and ``pre_request``/``post_request`` hooks apply unchanged.
+Parsing and responses are gunicorn's own (``gunicorn.http``, with its C parser ``gunicorn_h1c``
+under ``http_parser = auto``), so its request limits, smuggling defences, access log and
+``pre_request``/``post_request`` hooks apply unchanged.
 """
 
 from __future__ import annotations

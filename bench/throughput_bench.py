@@ -102,8 +102,7 @@ def median_run(runs: list[dict]) -> dict:
     and every error of every run."""
     rates = sorted(r["rps"] for r in runs)
     return {"rps": float(np.median(rates)), "p99_ms": float(np.median([r["p99_ms"] for r in runs])),
-            "errors": sum(r["errors"] for r in runs), "rps_min": rates[0], "rps_max": rates[-1],
-            "runs": len(runs)}
+            "errors": sum(r["errors"] for r in runs), "rps_min": rates[0], "rps_max": rates[-1]}
 
 
 def run_case(name: str, work: Path, levels: list[int], duration: int,

@@ -36,14 +36,11 @@ def _port(value: Any) -> None:
         raise ValueError(f"must be a TCP port (1-65535), got {value}")
 
 
-def _log_format(value: Any) -> None:
-    if value not in ("text", "json"):
-        raise ValueError(f"must be text or json, got {value!r}")
-
-
-def _memory_allocator(value: Any) -> None:
-    if value not in ("jemalloc", "system"):
-        raise ValueError(f"must be jemalloc or system, got {value!r}")
+def _one_of(*choices: str) -> Callable[[Any], None]:
+    def check(value: Any) -> None:
+        if value not in choices:
+            raise ValueError(f"must be {' or '.join(choices)}, got {value!r}")
+    return check
 
 
 def _positive(value: Any) -> None:
@@ -129,7 +126,7 @@ SETTINGS: tuple[Setting, ...] = (
             "libjemalloc.so.2 is installed) and TensorFlow allocates through it, so the memory of "
             "an unloaded model version goes back to the system; `system`: glibc's malloc, and "
             "TensorFlow keeps the large blocks it once used. Read at start.",
-            _memory_allocator),
+            _one_of("jemalloc", "system")),
     Setting("rest_api_port", int, 8501,
             "Port of the REST API when gunicorn's `-b/--bind` is not given "
             "(binds 0.0.0.0).", _port),
@@ -177,7 +174,8 @@ SETTINGS: tuple[Setting, ...] = (
             "`enable: false` for none. Empty: both paths on (TF Serving turns them off by default)."),
     Setting("log_format", str, "text",
             "gunicorn's access and error logs, and tfwsgi's: `text` (gunicorn's formats) or `json` "
-            "(one JSON object a line). Read at start; a SIGHUP does not change it.", _log_format),
+            "(one JSON object a line). Read at start; a SIGHUP does not change it.",
+            _one_of("text", "json")),
     Setting("prometheus_multiproc_dir", str, "",
             "Directory for the workers' metric files, wiped at start; empty: a fresh temporary "
             "directory (or `PROMETHEUS_MULTIPROC_DIR` if set)."),

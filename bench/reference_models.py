@@ -6,8 +6,24 @@ from pathlib import Path
 from typing import Any
 
 
-def build_mlp(path: Path, seed: int = 0, hidden: int = 512) -> None:
-    """MLP 784→hidden→hidden→10 (512: the "mlp" rows), signature x [None, 784] → y [None, 10]."""
+def write_warmup(path: Path, inputs: dict[str, Any]) -> None:
+    """``assets.extra/tf_serving_warmup_requests`` with one predict record of ``inputs`` (numpy
+    arrays), which tfwsgi, like TF Serving, replays before the version is available."""
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
+
+    req = predict_pb2.PredictRequest()
+    for name, value in inputs.items():
+        req.inputs[name].CopyFrom(tf.make_tensor_proto(value))
+    (path / "assets.extra").mkdir(exist_ok=True)
+    with tf.io.TFRecordWriter(str(path / "assets.extra" / "tf_serving_warmup_requests")) as w:
+        w.write(prediction_log_pb2.PredictionLog(
+            predict_log=prediction_log_pb2.PredictLog(request=req)).SerializeToString())
+
+
+def build_mlp(path: Path, seed: int = 0, hidden: int = 512, warmup: bool = False) -> None:
+    """MLP 784→hidden→hidden→10 (512: the "mlp" rows), signature x [None, 784] → y [None, 10];
+    with ``warmup``, a warmup record of one example."""
     import numpy as np
     import tensorflow as tf
 
@@ -31,6 +47,8 @@ def build_mlp(path: Path, seed: int = 0, hidden: int = 512) -> None:
 
     m = MLP()
     tf.saved_model.save(m, str(path), signatures={"serving_default": m.serve})
+    if warmup:
+        write_warmup(path, {"x": rng.random((1, 784), dtype="float32")})
 
 
 def build_conv(path: Path, seed: int = 0) -> None:

@@ -1,10 +1,13 @@
 """Soak run (issue 7): a bounded run at 80% of measured peak throughput, with faults of time.
 
     .venv/bin/python bench/soak.py [--duration 600] [--window 10] [--connections 32] [--load 0.8]
-                                   [--tfwsgi-args '-w 2'] [--tfwsgi-env 'TFWSGI_X=y ...']
+                                   [--tfwsgi-args '-w 2'] [--tfwsgi-env 'TFWSGI_X=y ...'] [--no-warmup]
 
-Builds two versions of the reference MLP (bench/reference_models.py), serves version 1 with
-``gunicorn -c gunicorn_conf.py tfwsgi:app`` (2 workers) and a real memcached as the shared cache,
+Builds two versions of the reference MLP (bench/reference_models.py), each with a warmup record
+(``assets.extra/tf_serving_warmup_requests``, as TF Serving advises for production models, so a
+new version's first calls run in the loader, not in requests; ``--no-warmup`` leaves it out),
+serves version 1 with ``gunicorn -c gunicorn_conf.py tfwsgi:app`` (2 workers) and a real memcached
+as the shared cache,
 and drives it with wrk over loopback and a request mix: 60% cache hits (16 bodies asked again and
 again), 30% misses (a new body every time, in every wrk run: the model runs), 10% bad requests
 (half malformed JSON, 400; half an unknown model, 404), counted apart from errors. wrk has no rate
@@ -213,8 +216,8 @@ def install(src: Path, base: Path, version: int) -> None:
 
 
 def soak(args: argparse.Namespace, work: Path) -> dict:
-    build_mlp(work / "src" / "1", seed=0)
-    build_mlp(work / "src" / "2", seed=1)
+    build_mlp(work / "src" / "1", seed=0, warmup=args.warmup)
+    build_mlp(work / "src" / "2", seed=1, warmup=args.warmup)
     base = work / "m"
     base.mkdir()
     install(work / "src" / "1", base, 1)
@@ -356,6 +359,8 @@ def main() -> int:
     parser.add_argument("--peak-seconds", type=int, default=10)
     parser.add_argument("--tfwsgi-args", default="", help="extra gunicorn flags (-w N for workers)")
     parser.add_argument("--tfwsgi-env", default="", help="TFWSGI_*=value settings, space-separated")
+    parser.add_argument("--no-warmup", dest="warmup", action="store_false",
+                        help="build the model versions without a warmup record")
     parser.add_argument("--out", default="soak", help="docs/<out>.md and docs/<out>.png")
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -368,13 +373,15 @@ def main() -> int:
                f"{args.duration} --window {args.window} --connections {args.connections}"
                f" --load {args.load}"
                + (f" --tfwsgi-args '{args.tfwsgi_args}'" if args.tfwsgi_args else "")
-               + (f" --tfwsgi-env '{args.tfwsgi_env}'" if args.tfwsgi_env else "") + "`")
+               + (f" --tfwsgi-env '{args.tfwsgi_env}'" if args.tfwsgi_env else "")
+               + ("" if args.warmup else " --no-warmup") + "`")
     versions = ", ".join(f"{x['version']} {x['state']}" for x in res["status"])
     delays = [x["delay_ms"] for x in res["windows"]]
     lines = [
         "# Soak run", "",
         f"{command} on {os.cpu_count()} cores: tfwsgi (`gunicorn -c gunicorn_conf.py tfwsgi:app`, "
-        f"{res['workers']} workers) serving the reference MLP with a real memcached as its cache, "
+        f"{res['workers']} workers) serving the reference MLP ("
+        + ("with" if args.warmup else "without") + " a warmup record) with a real memcached as its cache, "
         "driven by wrk over loopback: 60% hits, 30% misses (the model runs), 10% bad requests "
         "(400 and 404, expected, not errors); version 2 renamed into the base path half-way.", "",
         f"- peak {res['peak']['rps']:.0f} req/s (same mix, {PEAK_CONNECTIONS} connections, no delay); "

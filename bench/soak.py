@@ -4,20 +4,19 @@
                                    [--tfwsgi-args '-w 2'] [--tfwsgi-env 'TFWSGI_X=y ...'] [--no-warmup]
 
 Builds two versions of the reference MLP (bench/reference_models.py), each with a warmup record
-(``assets.extra/tf_serving_warmup_requests``, as TF Serving advises for production models, so a
-new version's first calls run in the loader, not in requests; ``--no-warmup`` leaves it out),
-serves version 1 with ``gunicorn -c gunicorn_conf.py tfwsgi:app`` (2 workers) and a real memcached
-as the shared cache,
-and drives it with wrk over loopback and a request mix: 60% cache hits (16 bodies asked again and
-again), 30% misses (a new body every time, in every wrk run: the model runs), 10% bad requests
-(half malformed JSON, 400; half an unknown model, 404), counted apart from errors. wrk has no rate
-limit (wrk2 is not packaged): the peak is measured first (same mix, no delay, 32 connections),
-then each connection (as many as for the peak: fewer may not reach the target however short
-their wait) waits between requests (wrk's ``delay()`` hook, whose whole milliseconds the
+(``assets.extra/tf_serving_warmup_requests``, as TF Serving advises for production models, so a new
+version's first calls run in the loader, not in requests; ``--no-warmup`` leaves it out), serves
+version 1 with ``gunicorn -c gunicorn_conf.py tfwsgi:app`` (2 workers) and a real memcached as the
+shared cache, and drives it with wrk over loopback and a request mix: 60% cache hits (16 bodies
+asked again and again), 30% misses (a new body every time, in every wrk run: the model runs), 10%
+bad requests (half malformed JSON, 400; half an unknown model, 404), counted apart from errors. wrk
+has no rate limit (wrk2 is not packaged): the peak is measured first (same mix, no delay, 32
+connections), then each connection (as many as for the peak: fewer may not reach the target however
+short their wait) waits between requests (wrk's ``delay()`` hook, whose whole milliseconds the
 script dithers to a fractional mean), for a delay calibrated by short runs until one holds
-``--load`` (0.8) of the peak within 2%; after each window the next one's delay is corrected by
-half the error, as response times drift. Half-way through, version 2 is renamed into the base
-path and the workers' watchers swap to it.
+``--load`` (0.8) of the peak within 2%; after each window the next one's delay is corrected by half
+the error, as response times drift. Half-way through, version 2 is renamed into the base path and
+the workers' watchers swap to it.
 Each window (``--window`` s) is one wrk run: throughput, p50/p99 and statuses per window; each
 worker's PSS is sampled every 2 s. Writes docs/soak.md and docs/soak.png; exits 1 unless there
 were no errors, the last minute's p99 is within 1.5× the first minute's, and worker memory grew

@@ -19,7 +19,7 @@ bind = hooks.bind_addresses(_settings)  # a socket passed by systemd wins (tfwsg
 workers = _settings.workers or os.cpu_count() or 1
 # Keep-alive connections, one thread each (see tfwsgi/worker.py): concurrent requests in one
 # worker are what the dynamic batcher merges. `threads` is the connections a worker serves at once.
-worker_class = "tfwsgi.worker.ThreadWorker"
+worker_class = "tfwsgi.worker.EventWorker"
 threads = 64
 preload_app = False  # the app (and TensorFlow) load in each worker, after fork
 timeout = 60  # per request; model loading keeps the worker alive with its own heartbeat

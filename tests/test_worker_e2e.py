@@ -1,9 +1,11 @@
-"""tfwsgi.worker.ThreadWorker (gunicorn_conf.py's default) against real gunicorn: keep-alive,
-connections spread over the workers, idle timeout, capacity, graceful stop, a killed worker."""
+"""tfwsgi.worker.EventWorker (gunicorn_conf.py's default) against real gunicorn: keep-alive,
+connections spread over the workers, idle timeout, connections beyond the threads, trickling
+clients, deadlines, overload, graceful stop, a killed worker."""
 
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import signal
 import socket
@@ -12,6 +14,8 @@ import time
 from collections import Counter
 
 import pytest
+
+from conftest import metric_total
 
 pytestmark = pytest.mark.e2e
 
@@ -51,10 +55,10 @@ def predict(conn: http.client.HTTPConnection) -> http.client.HTTPResponse:
     return resp
 
 
-def test_default_worker_is_threaded_and_keeps_connections_alive(start_server, model_root):
+def test_default_worker_is_the_event_worker_and_keeps_connections_alive(start_server, model_root):
     srv = start_server(hp_env(model_root), workers=1)
     srv.wait_ready()
-    assert "Using worker: tfwsgi.worker.ThreadWorker" in srv.log()
+    assert "Using worker: tfwsgi.worker.EventWorker" in srv.log()
     conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30)
     conn.connect()
     local = conn.sock.getsockname()
@@ -107,17 +111,22 @@ def test_idle_connection_closes_after_keepalive(start_server, model_root):
     sock.close()
 
 
-def test_connections_beyond_capacity_wait_for_a_free_thread(start_server, model_root):
-    srv = start_server(hp_env(model_root), workers=1, extra_args=("--threads", "2", "--keep-alive", "1"))
+def test_connections_beyond_the_threads_are_all_served(start_server, model_root):
+    """With 2 request threads, 40 open keep-alive connections each get answers in turn: an idle
+    connection holds no thread (the old worker served 2 and left the rest in the backlog)."""
+    srv = start_server(hp_env(model_root), workers=1, extra_args=("--threads", "2"))
     srv.wait_ready()
-    held = [http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30) for _ in range(2)]
-    for conn in held:
-        assert predict(conn).status == 200
-    waiting = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30)
+    conns = [http.client.HTTPConnection("127.0.0.1", srv.port, timeout=10) for _ in range(40)]
+    for conn in conns:
+        conn.connect()
     started = time.monotonic()
-    assert predict(waiting).status == 200  # served once an idle connection timed out
-    assert time.monotonic() - started > 0.5
-    for conn in [*held, waiting]:
+    for _ in range(3):
+        for conn in conns:
+            assert predict(conn).status == 200
+    assert time.monotonic() - started < 5
+    owners = connection_owners(srv)
+    assert sum(owners.values()) == 40  # all still open
+    for conn in conns:
         conn.close()
 
 
@@ -178,3 +187,130 @@ def test_requests_are_parsed_by_gunicorns_c_parser(start_server, model_root):
     for pid in srv.worker_pids():
         with open(f"/proc/{pid}/maps") as f:
             assert "gunicorn_h1c/_parser" in f.read()
+
+
+def multi_env(model_root, **extra: str) -> dict[str, str]:
+    return {"TFWSGI_MODEL_NAME": "multi", "TFWSGI_MODEL_BASE_PATH": str(model_root / "multi"),
+            "TFWSGI_CACHE_ENABLED": "false", **extra}
+
+
+def slow_predict(port: int, x: float = 1.0) -> tuple[int, dict[str, str], bytes, float]:
+    """One request to the ~0.25 s signature on a new connection: status, headers, body, seconds."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.connect()
+    started = time.monotonic()
+    conn.request("POST", "/v1/models/multi:predict",
+                 body=b'{"signature_name": "slow", "instances": [%f]}' % x)
+    resp = conn.getresponse()
+    body = resp.read()
+    elapsed = time.monotonic() - started
+    conn.close()
+    return resp.status, {k.lower(): v for k, v in resp.getheaders()}, body, elapsed
+
+
+def test_a_request_past_its_deadline_gets_504_at_the_deadline(start_server, model_root):
+    """TFWSGI_REST_API_TIMEOUT_IN_MS=100 and a signature that runs ~0.25 s: TF Serving's
+    DEADLINE_EXCEEDED (504, JSON) within deadline + 100 ms, while other requests are served."""
+    srv = start_server(multi_env(model_root, TFWSGI_REST_API_TIMEOUT_IN_MS="100"), workers=1)
+    srv.wait_ready()
+    fast: list[int] = []
+    stop = threading.Event()
+
+    def others() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30)
+        while not stop.is_set():
+            conn.request("POST", "/v1/models/multi/versions/7:predict",
+                         body=b'{"signature_name": "double", "instances": [3.0]}')
+            resp = conn.getresponse()
+            body = resp.read()
+            assert resp.status != 200 or json.loads(body) == {"predictions": [1.0]}
+            fast.append(resp.status)
+        conn.close()
+
+    t = threading.Thread(target=others)
+    t.start()
+    try:
+        results = [slow_predict(srv.port, float(i)) for i in range(3)]
+    finally:
+        stop.set()
+        t.join(30)
+    for status, headers, body, elapsed in results:
+        assert status == 504, body
+        assert headers["content-type"] == "application/json"
+        assert b"Deadline exceeded" in body
+        assert elapsed < 0.1 + 0.1, elapsed
+    assert fast.count(200) >= 3 and set(fast) <= {200, 504}, fast
+    metrics = srv.get("/metrics").text
+    assert 'tfwsgi_requests_dropped_total{reason="deadline"}' in metrics
+
+
+def test_a_flood_beyond_the_waiting_bound_gets_fast_503s(start_server, model_root):
+    """One request thread, at most 2 requests waiting: of 24 simultaneous slow requests the
+    rest are refused at once with 503, Retry-After and a JSON error; nothing else fails."""
+    srv = start_server(multi_env(model_root, TFWSGI_MAX_WAITING_REQUESTS="2"), workers=1,
+                       extra_args=("--threads", "1"))
+    srv.wait_ready()
+    results: list[tuple[int, dict[str, str], bytes, float]] = []
+    barrier = threading.Barrier(24)
+
+    def one(i: int) -> None:
+        barrier.wait()
+        results.append(slow_predict(srv.port, float(i)))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(24)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    statuses = Counter(r[0] for r in results)
+    assert set(statuses) == {200, 503} and statuses[503] >= 12, statuses
+    for status, headers, body, elapsed in results:
+        if status == 503:
+            assert headers["content-type"] == "application/json"
+            assert int(headers["retry-after"]) >= 1
+            assert b"overloaded" in body
+            assert elapsed < 0.2, elapsed  # refused at once, not after waiting
+    metrics = srv.get("/metrics").text
+    assert 'tfwsgi_requests_dropped_total{reason="overload"}' in metrics
+
+
+def test_trickling_clients_hold_no_thread_and_are_cut_at_the_deadline(start_server, model_root):
+    """With 2 request threads, 100 clients trickling their headers a byte at a time: normal
+    clients are answered meanwhile; a request not all received within the deadline gets 408."""
+    srv = start_server(hp_env(model_root, TFWSGI_REST_API_TIMEOUT_IN_MS="2000"), workers=1,
+                       extra_args=("--threads", "2"))
+    srv.wait_ready()
+    head = b"POST " + PREDICT.encode() + b" HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 100
+    socks = [socket.create_connection(("127.0.0.1", srv.port), timeout=10) for _ in range(100)]
+    try:
+        started = time.monotonic()
+        for i in range(6):  # 0.6 s of trickling
+            for s in socks:
+                s.send(head[i:i + 1])
+            conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=1)
+            assert predict(conn).status == 200  # within 1 s, as each of these
+            conn.close()
+            time.sleep(0.1)
+        socks[0].settimeout(5)
+        answer = socks[0].recv(65536)  # the deadline (2 s from its first byte) cuts it
+        assert answer.startswith(b"HTTP/1.1 408"), answer
+        assert 1.5 < time.monotonic() - started < 4
+        assert b'"error"' in answer
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_metrics_report_connections_waiting_and_wait_time(start_server, model_root):
+    srv = start_server(hp_env(model_root), workers=1)
+    srv.wait_ready()
+    conns = [http.client.HTTPConnection("127.0.0.1", srv.port, timeout=10) for _ in range(5)]
+    for conn in conns:
+        assert predict(conn).status == 200
+    time.sleep(1.5)  # the gauges are set about once a second
+    text = srv.get("/metrics").text
+    assert metric_total(text, "tfwsgi_worker_connections") >= 5
+    assert metric_total(text, "tfwsgi_requests_waiting") == 0
+    assert metric_total(text, "tfwsgi_request_wait_seconds_count") >= 5
+    for conn in conns:
+        conn.close()

@@ -77,6 +77,11 @@ class Call:
     def policy(self) -> str:
         return request_policy(self.environ.get("HTTP_CACHE_CONTROL"))
 
+    def deadline(self) -> float | None:
+        """When the connection layer answers DEADLINE_EXCEEDED (``time.monotonic()``), if set."""
+        deadline = self.environ.get("tfwsgi.deadline")
+        return None if deadline is None or deadline == float("inf") else float(deadline)
+
     def raw_body(self) -> bytes:
         return read_body(self.environ, self.state.settings.max_request_bytes)
 
@@ -163,7 +168,7 @@ def predict(call: Call) -> Answer:
         servable = call.servable()
         sig = servable.signature(signature_name)
         inputs, fmt = codec.decode_predict(doc, sig.inputs)
-    outputs, outcome = call.dataplane.predict(servable, sig, inputs, call.policy())
+    outputs, outcome = call.dataplane.predict(servable, sig, inputs, call.policy(), call.deadline())
     return codec.encode_predict(outputs, fmt), outcome
 
 
@@ -186,13 +191,15 @@ def _examples(call: Call) -> tuple[str, Any]:
 
 def classify(call: Call) -> Answer:
     signature_name, examples = _examples(call)
-    out, outcome = call.dataplane.classify(call.servable(), signature_name, examples, call.policy())
+    out, outcome = call.dataplane.classify(call.servable(), signature_name, examples, call.policy(),
+                                            call.deadline())
     return codec.encode_classify(out.get("classes"), out.get("scores"), len(examples)), outcome
 
 
 def regress(call: Call) -> Answer:
     signature_name, examples = _examples(call)
-    out, outcome = call.dataplane.regress(call.servable(), signature_name, examples, call.policy())
+    out, outcome = call.dataplane.regress(call.servable(), signature_name, examples, call.policy(),
+                                           call.deadline())
     return codec.encode_regress(out["outputs"]), outcome
 
 

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
 from . import metrics
-from .batching import Batcher
+from .batching import DEADLINE_MESSAGE, Batcher
 from .cache import NORMAL, Outcome, PredictionCache, Tensors
+from .errors import DeadlineExceeded
 from .manager import ModelManager
 
 DEFAULT_SIGNATURE = "serving_default"
@@ -28,17 +30,21 @@ class DataPlane:
         return self.manager.servable(name, version, label)
 
     def _run(self, servable: Any, signature: str, method: str, inputs: Mapping[str, np.ndarray],
-             compute: Callable[[], Tensors], policy: str) -> tuple[Tensors, Outcome]:
+             compute: Callable[[], Tensors], policy: str,
+             deadline: float | None) -> tuple[Tensors, Outcome]:
         def counted() -> Tensors:
             out = compute()
             metrics.MODEL_RUNS.labels(servable.name, str(servable.version), signature, method).inc()
             return out
 
-        return self.cache.get_or_compute(servable.name, servable.version, signature, method,
-                                         inputs, counted, policy)
+        answer = self.cache.get_or_compute(servable.name, servable.version, signature, method,
+                                           inputs, counted, policy)
+        if deadline is not None and time.monotonic() > deadline:
+            raise DeadlineExceeded(DEADLINE_MESSAGE)  # too late: the connection layer answered
+        return answer
 
     def predict(self, servable: Any, signature: Any, inputs: Mapping[str, np.ndarray],
-                policy: str = NORMAL) -> tuple[Tensors, Outcome]:
+                policy: str = NORMAL, deadline: float | None = None) -> tuple[Tensors, Outcome]:
         batcher = self.batcher
         if batcher is None:
             def compute() -> Tensors:
@@ -47,11 +53,11 @@ class DataPlane:
             key = (servable.name, servable.version, signature.name)
 
             def compute() -> Tensors:
-                return batcher.run(key, inputs, signature.run)
-        return self._run(servable, signature.name, "predict", inputs, compute, policy)
+                return batcher.run(key, inputs, signature.run, deadline)
+        return self._run(servable, signature.name, "predict", inputs, compute, policy, deadline)
 
     def classify(self, servable: Any, signature_name: str, examples: np.ndarray,
-                 policy: str = NORMAL) -> tuple[Tensors, Outcome]:
+                 policy: str = NORMAL, deadline: float | None = None) -> tuple[Tensors, Outcome]:
         name = signature_name or DEFAULT_SIGNATURE
 
         def compute() -> Tensors:
@@ -63,10 +69,10 @@ class DataPlane:
                 out["scores"] = scores
             return out
 
-        return self._run(servable, name, "classify", {"inputs": examples}, compute, policy)
+        return self._run(servable, name, "classify", {"inputs": examples}, compute, policy, deadline)
 
     def regress(self, servable: Any, signature_name: str, examples: np.ndarray,
-                policy: str = NORMAL) -> tuple[Tensors, Outcome]:
+                policy: str = NORMAL, deadline: float | None = None) -> tuple[Tensors, Outcome]:
         name = signature_name or DEFAULT_SIGNATURE
         return self._run(servable, name, "regress", {"inputs": examples},
-                         lambda: {"outputs": servable.regress(name, examples)}, policy)
+                         lambda: {"outputs": servable.regress(name, examples)}, policy, deadline)

@@ -70,6 +70,10 @@ class InvalidArgument(TFWSGIError):
     code = 3
 
 
+class DeadlineExceeded(TFWSGIError):
+    code = 4
+
+
 class NotFound(TFWSGIError):
     code = 5
 

@@ -81,6 +81,23 @@ MODEL_VERSION_STATE = Gauge(
     "Live workers holding each model version in each TF Serving state (LOADING, AVAILABLE, "
     "UNLOADING, END).",
     ["model_name", "version", "state"], multiprocess_mode="livesum")
+WORKER_CONNECTIONS = Gauge(
+    "tfwsgi_worker_connections",
+    "Open client connections held by each live worker (idle keep-alive ones included).",
+    multiprocess_mode="liveall")
+REQUESTS_WAITING = Gauge(
+    "tfwsgi_requests_waiting",
+    "Complete requests waiting in each live worker for a request thread.",
+    multiprocess_mode="liveall")
+REQUEST_WAIT_SECONDS = Histogram(
+    "tfwsgi_request_wait_seconds",
+    "Time from a request being all received to a request thread taking it.",
+    buckets=(0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30))
+REQUESTS_DROPPED = Counter(
+    "tfwsgi_requests_dropped_total",
+    "Requests answered without running: overload (503, too many waiting in the worker) or "
+    "deadline (504, not answered within rest_api_timeout_in_ms).",
+    ["reason"])
 WORKER_EXITS = Counter(
     "tfwsgi_worker_exits_total",
     "gunicorn workers that exited (max_requests, SIGHUP, timeouts, crashes); the master starts "
@@ -136,9 +153,31 @@ def observe_request(raw_name: str, method: str, handler: Callable[..., T], *args
             acc[2 + bisect_left(_BOUNDS, micros)] += 1
 
 
+_WAIT_BOUNDS = REQUEST_WAIT_SECONDS._upper_bounds
+_waits = [0.0] * (1 + len(_WAIT_BOUNDS))  # sum, then per-bucket counts, since the last flush
+
+
+def observe_wait(seconds: float) -> None:
+    """Count one request's wait for a thread (added to the histogram at the next flush)."""
+    with _lock:
+        _waits[0] += seconds
+        _waits[1 + bisect_left(_WAIT_BOUNDS, seconds)] += 1
+
+
+def count_dropped(reason: str) -> None:
+    REQUESTS_DROPPED.labels(reason).inc()
+
+
+def set_connection_state(connections: int, waiting: int) -> None:
+    WORKER_CONNECTIONS.set(connections)
+    REQUESTS_WAITING.set(waiting)
+
+
 def flush() -> None:
     """Add what requests counted since the last flush to the metric values (shared files)."""
     with _lock:
+        waits = _waits[:]
+        _waits[:] = [0.0] * len(_waits)
         deltas = []
         for key, acc in _pending.items():
             last = _flushed.get(key)
@@ -147,6 +186,11 @@ def flush() -> None:
             if acc[0] != last[0]:
                 deltas.append((key, [a - b for a, b in zip(acc, last, strict=True)]))
                 last[:] = acc
+    if any(waits[1:]):
+        REQUEST_WAIT_SECONDS._sum.inc(waits[0])
+        for bucket, n in zip(REQUEST_WAIT_SECONDS._buckets, waits[1:], strict=True):
+            if n:
+                bucket.inc(n)
     for (raw_name, method, status), delta in deltas:
         name = unquote(raw_name)
         REQUEST_COUNT.labels(name, status).inc(delta[0])

@@ -132,6 +132,16 @@ SETTINGS: tuple[Setting, ...] = (
             "(binds 0.0.0.0).", _port),
     Setting("rest_api_enable_cors_support", bool, False,
             "Answer CORS preflight requests and add `Access-Control-Allow-Origin: *`."),
+    Setting("rest_api_timeout_in_ms", int, 30_000,
+            "Deadline of each REST request, from the moment it is all received: one still "
+            "unanswered then gets DEADLINE_EXCEEDED (504, JSON error) and one whose deadline passed "
+            "while it waited is dropped before it runs (TF Serving's flag); 0: no deadline.",
+            _non_negative),
+    Setting("max_waiting_requests", int, 0,
+            "Requests that may wait in one worker for a request thread; past it a request gets "
+            "503 with `Retry-After` at once. 0 derives it: what the worker serves within one "
+            "deadline at the rate it measures (requests that would wait longer could only time "
+            "out), never fewer than its threads.", _non_negative),
     Setting("workers", int, 0,
             "gunicorn worker processes when `-w` is not given; 0 means one per core.",
             _non_negative),

@@ -1,36 +1,64 @@
-"""``tfwsgi.worker.ThreadWorker``: a keep-alive gunicorn worker with one thread per connection.
+"""``tfwsgi.worker.EventWorker``: thousands of keep-alive connections per worker, a bounded pool of
+request threads, request deadlines and an explicit answer to overload.
 
-gunicorn's ``gthread`` worker hands every request of a kept-alive connection from its event loop
-to a thread pool and back (a future, a pipe write, two epoll registrations per request), and its
-accept loop lets one worker take every connection of a burst, so the other workers idle (measured:
-one of two workers held all 32 wrk connections). Here each connection is served start to end by
-one thread, blocking on its own socket between requests, which is what concurrent requests for
-the dynamic batcher need and costs no more per request than the ``sync`` worker. Connections are
-spread over the workers: a worker takes a new one only while it holds no more connections than
-the least loaded of its siblings (a counter per worker in memory shared by the master), or when
-nobody else took it within a few milliseconds.
+Why this shape (measured on a 2-core machine; the README's architecture notes give the figures):
 
-Parsing and responses are gunicorn's own (``gunicorn.http``, with its C parser ``gunicorn_h1c``
-under ``http_parser = auto``), so its request limits, smuggling defences, access log and
-``pre_request``/``post_request`` hooks apply unchanged.
+- The previous worker gave each connection a thread of its own, blocking on its socket between
+  requests. It was fast, but it served at most ``workers × threads`` connections: connection
+  ``N + 1`` waited in the kernel's accept backlog until a kept-alive one closed (a new client's
+  first request took 9.4 s at 1024 connections, 19.5 s at 4096).
+- gunicorn's ``gthread`` keeps idle connections in a poller, but hands every request from its
+  event loop to a thread pool and back (a future, a pipe write, two epoll registrations a request)
+  and lets one worker take a whole burst of connections.
+
+Here, the worker's main thread runs an epoll loop over every connection the worker holds. An idle
+connection costs a file descriptor, a small object and a slot in the kernel's epoll set. The loop
+reads whatever a connection sends (non-blocking) into that connection's buffer and hands the
+connection to the request threads only once a whole request is in: its head and, for
+``Content-Length`` or chunked bodies, its body too. A client that trickles its headers or body
+therefore never holds a request thread; the loop closes it (408) if the request is not in within
+the deadline. Complete requests wait in one FIFO queue, so threads serve them in arrival order
+across connections. After answering, a thread keeps a connection whose next request is already
+there (or arrives within ``PARK_SECONDS`` while nobody else waits) and serves it without any
+hand-off, which keeps a busy connection as fast as the old thread-per-connection worker.
+
+Each request carries a deadline (``TFWSGI_REST_API_TIMEOUT_IN_MS``, TF Serving's
+``--rest_api_timeout_in_ms``): the loop answers a request still unanswered at its deadline with
+TF Serving's DEADLINE_EXCEEDED (504, JSON) and closes that connection; a request whose deadline
+passed while it waited is dropped before it runs (the batcher drops it too). Past a bound of
+requests waiting in the worker (``TFWSGI_MAX_WAITING_REQUESTS``; by default what the worker serves
+within one deadline at its measured rate) a request gets an immediate 503 with ``Retry-After``.
+gunicorn's heartbeat stops while any request thread has been on one request longer than
+gunicorn's ``timeout``, so the master replaces a worker whose threads are stuck.
+
+Parsing and responses stay gunicorn's own (``gunicorn.http`` with its C parser ``gunicorn_h1c``
+under ``http_parser = auto``), fed from the connection's buffer, so its request limits, smuggling
+defences, access log and ``pre_request``/``post_request`` hooks apply unchanged. Connections are
+spread over the workers as before: a worker accepts only while it holds no more connections than
+the least loaded of its siblings, or when nobody else took the connection within a few ms.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import json
+import math
 import mmap
 import os
 import queue
+import resource
 import select
 import socket
 import struct
 import sys
 import threading
 import time
+from collections import deque
 from datetime import datetime
 from typing import Any
 
-from gunicorn import http, sock, util
+from gunicorn import http, util
 from gunicorn.http import wsgi
 from gunicorn.workers import base
 
@@ -38,7 +66,6 @@ from gunicorn.workers import base
 # or -1 when it is not accepting. Created by the master (check_config runs before any fork).
 _SLOTS = 512
 _COUNTER = struct.Struct("<q")
-_TIMEVAL = struct.Struct("@ll")
 _shared: mmap.mmap | None = None
 
 # How long a connection waits for a less loaded sibling before this worker takes it anyway.
@@ -46,6 +73,16 @@ _DEFER_SECONDS = 0.002
 # Requests served on one connection before it is closed (nginx's keepalive_requests default):
 # clients reconnect, which keeps the spread of connections over workers fresh.
 MAX_KEEPALIVE_REQUESTS = 1000
+# After answering, how long a thread waits on the same connection for its next request while no
+# other request is waiting and another thread is free (no hand-off for a busy connection).
+PARK_SECONDS = 0.002
+# A request head larger than this is handed to gunicorn's parser, which refuses it (431/414).
+_MAX_HEAD = 128 * 1024
+_RECV = 256 * 1024
+_SEND_TIMEOUT = 30.0
+_EPOLLIN = select.EPOLLIN
+_ARM = select.EPOLLIN | select.EPOLLONESHOT
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 def _new_shared() -> mmap.mmap:
@@ -87,147 +124,671 @@ class Balance:
         return not any(0 <= count < mine for (count,) in _COUNTER.iter_unpack(self._shared))
 
 
-class ThreadWorker(base.Worker):
-    """Keep-alive HTTP/1.1 with one thread per connection, up to ``threads`` connections a worker."""
+# ------------------------------------------------------------------------------ request extent
+NEED_MORE = 0
+HAND_OVER = -1
+
+
+def request_extent(buf: bytes | bytearray, max_body: int) -> int:
+    """How far the first request in ``buf`` reaches: its length in bytes once its head and body
+    are all in, ``NEED_MORE`` while they are not, or ``HAND_OVER`` when gunicorn's parser should
+    see it now (a head too large, a length it will refuse, a body over ``max_body``). Only
+    readiness is decided here; whether the request is valid is gunicorn's to say."""
+    end = buf.find(b"\r\n\r\n")
+    if end < 0:
+        return HAND_OVER if len(buf) > _MAX_HEAD else NEED_MORE
+    head_end = end + 4
+    head = bytes(buf[:end]).lower()
+    if b"\r\ntransfer-encoding:" in head:
+        return _chunked_extent(buf, head_end, max_body)
+    at = head.find(b"\r\ncontent-length:")
+    if at < 0:
+        return head_end  # no body
+    start = at + len(b"\r\ncontent-length:")
+    stop = head.find(b"\r\n", start)
+    text = head[start:] if stop < 0 else head[start:stop]
+    text = text.strip()
+    if not text.isdigit() or head.find(b"\r\ncontent-length:", start) >= 0:
+        return HAND_OVER  # invalid or repeated: gunicorn refuses it
+    length = int(text)
+    if length > max_body:
+        return HAND_OVER  # answered 413 by the app, which drains a bounded amount
+    total = head_end + length
+    return total if len(buf) >= total else NEED_MORE
+
+
+def _chunked_extent(buf: bytes | bytearray, pos: int, max_body: int) -> int:
+    """The end of a chunked body starting at ``pos`` (with its trailers), as ``request_extent``."""
+    body = 0
+    while True:
+        eol = buf.find(b"\r\n", pos)
+        if eol < 0:
+            return HAND_OVER if len(buf) - pos > 1024 else NEED_MORE
+        size_text = bytes(buf[pos:eol]).split(b";", 1)[0].strip()
+        try:
+            size = int(size_text, 16)
+        except ValueError:
+            return HAND_OVER
+        if size == 0:
+            if buf[eol + 2:eol + 4] == b"\r\n":
+                return eol + 4
+            end = buf.find(b"\r\n\r\n", eol)
+            if end < 0:
+                return HAND_OVER if len(buf) - eol > _MAX_HEAD else NEED_MORE
+            return end + 4
+        body += size
+        if body > max_body:
+            return HAND_OVER
+        pos = eol + 2 + size + 2
+        if len(buf) < pos:
+            return NEED_MORE
+
+
+def wants_continue(buf: bytes | bytearray) -> bool:
+    """The complete head in ``buf`` asks for ``100 Continue`` before its body is sent."""
+    end = buf.find(b"\r\n\r\n")
+    return end >= 0 and b"\r\nexpect: 100-continue" in bytes(buf[:end]).lower()
+
+
+def error_response(status: int, reason: str, message: str, headers: tuple[tuple[str, str], ...] = (),
+                   close: bool = True) -> bytes:
+    """A complete HTTP/1.1 response carrying TF Serving's JSON error body."""
+    body = json.dumps({"error": message}).encode()
+    lines = [f"HTTP/1.1 {status} {reason}", "Content-Type: application/json",
+             f"Content-Length: {len(body)}", *(f"{k}: {v}" for k, v in headers)]
+    if close:
+        lines.append("Connection: close")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+def deadline_response(timeout_ms: int) -> bytes:
+    return error_response(504, "Gateway Timeout",
+                          f"Deadline exceeded: the request was not answered within "
+                          f"rest_api_timeout_in_ms ({timeout_ms} ms)")
+
+
+def waiting_bound(setting: int, rate: float, deadline_s: float, threads: int) -> int:
+    """Requests that may wait in a worker: the setting, or (0) what the worker serves within one
+    deadline at its measured rate, and never fewer than its threads."""
+    if setting > 0:
+        return setting
+    if rate <= 0 or deadline_s <= 0:
+        return sys.maxsize
+    return max(threads, int(rate * deadline_s))
+
+
+# ------------------------------------------------------------------------------ connections
+class Conn:
+    """One client connection: its socket, what it sent that no request has taken yet, and who
+    holds it (the loop while it waits for bytes, a thread while a request is served)."""
+
+    __slots__ = (
+        "addr",
+        "buf",
+        "closed",
+        "continued",
+        "fd",
+        "first_byte",
+        "gen",
+        "held",
+        "served",
+        "server",
+        "sock",
+    )
+
+    def __init__(self, sock: socket.socket, addr: Any, server: Any) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.addr = addr
+        self.server = server
+        self.buf = bytearray()
+        self.first_byte = 0.0  # when the first byte of the request being read arrived
+        self.gen = 0  # bumped whenever the connection changes hands: stale timers are ignored
+        self.served = 0
+        self.continued = False
+        self.held = False  # a request of it is queued or served: the loop does not touch it
+        self.closed = False
+
+
+class Job:
+    """One complete request waiting for, or held by, a request thread."""
+
+    __slots__ = ("answered", "arrived", "conn", "deadline", "done")
+
+    def __init__(self, conn: Conn, arrived: float, deadline: float) -> None:
+        self.conn = conn
+        self.arrived = arrived
+        self.deadline = deadline
+        self.answered = False  # a response was claimed (by the thread, or the loop's 504)
+        self.done = False  # the thread is finished with it
+
+
+class Channel:
+    """What gunicorn's parser and response see as the socket: the connection's buffered bytes
+    first, then the non-blocking socket, each wait bounded (reads by the request's deadline)."""
+
+    __slots__ = ("conn", "deadline", "pending", "suppress_continue")
+
+    def __init__(self, conn: Conn, deadline: float) -> None:
+        self.conn = conn
+        self.deadline = deadline
+        self.pending = memoryview(bytes(conn.buf))
+        conn.buf = bytearray()
+        self.suppress_continue = conn.continued  # the loop already said 100 Continue
+
+    def recv(self, size: int) -> bytes:
+        if self.pending:
+            data = bytes(self.pending[:size])
+            self.pending = self.pending[size:]
+            return data
+        sock = self.conn.sock
+        while True:
+            try:
+                return sock.recv(size)
+            except BlockingIOError:
+                left = self.deadline - time.monotonic()
+                if left <= 0 or not _wait(sock, select.POLLIN, left):
+                    raise TimeoutError("request read timed out") from None
+
+    def rest(self) -> bytes:
+        """Bytes received but not read by the parser."""
+        data = bytes(self.pending)
+        self.pending = memoryview(b"")
+        return data
+
+    def send(self, data: bytes) -> int:
+        if self.suppress_continue and data == _CONTINUE:
+            return len(data)
+        self.sendall(data)
+        return len(data)
+
+    def sendall(self, data: Any) -> None:
+        view = memoryview(data).cast("B")
+        sock = self.conn.sock
+        while view:
+            try:
+                sent = sock.send(view)
+            except BlockingIOError:
+                if not _wait(sock, select.POLLOUT, _SEND_TIMEOUT):
+                    raise TimeoutError("response write timed out") from None
+                continue
+            view = view[sent:]
+
+    def sendfile(self, file: Any, offset: int = 0, count: int | None = None) -> int:
+        file.seek(offset)
+        total = 0
+        while count is None or total < count:
+            chunk = file.read(65536 if count is None else min(65536, count - total))
+            if not chunk:
+                break
+            self.sendall(chunk)
+            total += len(chunk)
+        return total
+
+    def fileno(self) -> int:
+        return self.conn.fd
+
+
+def _wait(sock: socket.socket, event: int, timeout: float) -> bool:
+    poller = select.poll()
+    poller.register(sock, event)
+    return bool(poller.poll(timeout * 1000))
+
+
+def _raise_fd_limit(wanted: int) -> int:
+    """Raise this process's soft limit of open files towards ``wanted`` (up to the hard limit)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        return target
+    return soft
+
+
+# ------------------------------------------------------------------------------ the worker
+class EventWorker(base.Worker):
+    """An epoll loop over every connection, ``threads`` request threads, deadlines, shedding."""
 
     alive: bool
 
     @classmethod
     def check_config(cls, cfg: Any, log: Any) -> None:
         global _shared
+        if cfg.is_ssl:
+            raise RuntimeError("tfwsgi.worker.EventWorker does not terminate TLS: put nginx in front "
+                               "(deploy/nginx-tfwsgi.conf) or choose another worker class (-k gthread)")
         if _shared is None:
             _shared = _new_shared()
 
     def init_process(self) -> None:
+        from .settings import from_env
+
+        settings = from_env()
+        self.timeout_ms = settings.rest_api_timeout_in_ms
+        self.deadline_s = self.timeout_ms / 1000 if self.timeout_ms > 0 else math.inf
+        self.max_waiting = settings.max_waiting_requests
+        self.max_body = settings.max_request_bytes
+        self.nthreads = max(1, self.cfg.threads)
+        self.max_connections = max(1, self.cfg.worker_connections)
+        _raise_fd_limit(self.max_connections + self.nthreads + 256)
         self.balance = Balance(_shared, self.age)
-        self.connections: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self.max_connections = max(1, self.cfg.threads)
-        self.listener_names: dict[socket.socket, Any] = {}
+        self.conns: dict[int, Conn] = {}
+        self.ready: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self.waiting = 0  # jobs in `ready` (changed under _claim)
+        self.jobs: deque[Job] = deque()  # every job not yet past its deadline check, by arrival
+        self.idle: deque[tuple[float, Conn, int]] = deque()  # (expires, conn, gen) keep-alive waits
+        self.reading: deque[tuple[float, Conn, int]] = deque()  # (expires, conn, gen) partial requests
+        self.busy_since = [0.0] * self.nthreads
+        self.free_threads = 0
+        self.rate = 0.0  # requests completed per second, smoothed
+        self.completed = 0
+        self._claim = threading.Lock()
+        self.listener_names: dict[int, Any] = {}
+        self.listeners: dict[int, socket.socket] = {}
+        self.poller = select.epoll()
         super().init_process()  # loads the app, then run()
 
+    # -------------------------------------------------------------------------- the loop
     def run(self) -> None:
+        from . import metrics
+
+        self.metrics = metrics
         for listener in self.sockets:
             listener.setblocking(False)
-            self.listener_names[listener] = listener.getsockname()
-        threads = [threading.Thread(target=self._connection_thread, name=f"tfwsgi-conn-{i}", daemon=True)
-                   for i in range(self.max_connections)]
+            self.listeners[listener.fileno()] = listener
+            self.listener_names[listener.fileno()] = listener.getsockname()
+        threads = [threading.Thread(target=self._request_thread, args=(i,), name=f"tfwsgi-req-{i}",
+                                    daemon=True) for i in range(self.nthreads)]
         for t in threads:
             t.start()
         self.balance.publish(0)
+        self._accepting = False
+        self._accept_after = 0.0
+        self._set_accepting(True)
+        self._housekept = 0.0
+        self._beat = 0.0
+        self._stuck_logged = False
+        self._rate_mark = (time.monotonic(), 0)
         try:
-            self._accept_loop()
+            while self.alive:
+                if self.ppid != os.getppid():
+                    self.log.info("Parent changed, shutting down: %s", self)
+                    break
+                self._poll_once(self._next_timeout())
         finally:
             self.balance.publish(-1)
-            self._drain(threads)
+            self._stop(threads)
 
-    def _accept_loop(self) -> None:
-        waited_since = 0.0
-        while self.alive:
-            self.notify()
-            if self.ppid != os.getppid():
-                self.log.info("Parent changed, shutting down: %s", self)
-                return
-            if self.balance.connections >= self.max_connections:
-                time.sleep(0.005)  # every thread holds a connection: leave new ones to the others
-                continue
-            try:
-                ready, _, _ = select.select(self.sockets, [], [], 1.0)
-            except OSError as exc:
-                if exc.errno in (errno.EINTR, errno.EBADF):
-                    continue
-                raise
-            if not ready:
-                waited_since = 0.0
-                continue
-            if not self.balance.least_loaded():
-                now = time.monotonic()
-                waited_since = waited_since or now
-                if now - waited_since < _DEFER_SECONDS:
-                    time.sleep(_DEFER_SECONDS / 4)  # a less loaded sibling should take it
-                    continue
-            waited_since = 0.0
-            for listener in ready:
-                self._accept(listener)
+    def _next_timeout(self) -> float:
+        now = time.monotonic()
+        t = 0.5
+        if self.jobs:
+            t = min(t, self.jobs[0].deadline - now)
+        if not self._accepting and self._accept_after:
+            t = min(t, self._accept_after - now)
+        return max(t, 0.0)
 
-    def _accept(self, listener: socket.socket) -> None:
+    def _poll_once(self, timeout: float) -> None:
         try:
-            client, addr = listener.accept()
+            events = self.poller.poll(timeout, 512)
         except OSError as exc:
-            if exc.errno in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
-                return  # a sibling took it
-            raise
-        client.setblocking(True)
-        util.close_on_exec(client)
-        self.balance.add(1)
-        self.connections.put((client, addr, listener))
+            if exc.errno != errno.EINTR:
+                raise
+            events = []
+        now = time.monotonic()
+        for fd, _ in events:
+            listener = self.listeners.get(fd)
+            if listener is not None:
+                self._accept(listener, now)
+                continue
+            conn = self.conns.get(fd)
+            if conn is not None:
+                self._readable(conn, now)
+        self._expire_deadlines(now)
+        if not self._accepting and self._accept_after and now >= self._accept_after and self.alive:
+            self._set_accepting(True)
+        if now - self._housekept >= 0.1 or not self.alive:
+            self._housekeeping(now)
 
-    def _drain(self, threads: list[threading.Thread]) -> None:
-        """Stop: connections finish their current request (answered with ``Connection: close``);
-        idle ones end at their keep-alive timeout; then the threads exit."""
-        deadline = time.monotonic() + self.cfg.graceful_timeout
-        while self.balance.connections > 0 and time.monotonic() < deadline:
-            self.notify()
-            time.sleep(0.05)
-        for _ in threads:
-            self.connections.put(None)
+    def _set_accepting(self, on: bool) -> None:
+        if on == self._accepting:
+            return
+        for fd in self.listeners:
+            if on:
+                self.poller.register(fd, _EPOLLIN | select.EPOLLEXCLUSIVE)
+            else:
+                self.poller.unregister(fd)
+        self._accepting = on
 
-    def _connection_thread(self) -> None:
-        while True:
-            item = self.connections.get()
-            if item is None:
+    def _accept(self, listener: socket.socket, now: float) -> None:
+        if not self.balance.least_loaded():
+            # A less loaded sibling should take it: look again in a moment, and take it then.
+            if not self._accept_after or now - self._accept_after > 0.1:
+                self._accept_after = now + _DEFER_SECONDS
+            if now < self._accept_after:
+                self._set_accepting(False)
                 return
-            client, addr, listener = item
+        self._accept_after = 0.0
+        for _ in range(64):
+            if len(self.conns) >= self.max_connections:
+                self._set_accepting(False)
+                return
             try:
-                self._serve(client, addr, listener)
-            finally:
-                util.close(client)
-                self.balance.add(-1)
+                sock, addr = listener.accept()
+            except OSError as exc:
+                if exc.errno in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
+                    return  # a sibling took it, or nothing left
+                if exc.errno in (errno.EMFILE, errno.ENFILE):
+                    self.log.warning("tfwsgi: out of file descriptors at %d connections",
+                                     len(self.conns))
+                    self._set_accepting(False)
+                    return
+                raise
+            sock.setblocking(False)
+            util.close_on_exec(sock)
+            conn = Conn(sock, addr, self.listener_names[listener.fileno()])
+            self.conns[conn.fd] = conn
+            self.balance.add(1)
+            self.idle.append((now + self.cfg.keepalive, conn, conn.gen))
+            self.poller.register(conn.fd, _ARM)
+            if not self.balance.least_loaded():
+                return
 
-    def _serve(self, client: socket.socket, addr: Any, listener: socket.socket) -> None:
-        """Serve requests on one connection until it closes, idles past ``keepalive``, or stops."""
+    def _readable(self, conn: Conn, now: float) -> None:
+        """Read what a connection sent; queue a request once it is all in."""
+        conn.gen += 1
+        try:
+            data = conn.sock.recv(_RECV)
+        except BlockingIOError:
+            self._rearm(conn, now)
+            return
+        except OSError:
+            self._close(conn)
+            return
+        if not data:
+            self._close(conn)
+            return
+        if not conn.buf:
+            conn.first_byte = now
+        conn.buf += data
+        self._dispatch(conn, now)
+
+    def _dispatch(self, conn: Conn, now: float) -> None:
+        extent = request_extent(conn.buf, self.max_body)
+        if extent == NEED_MORE:
+            if not conn.continued and wants_continue(conn.buf):
+                conn.continued = True
+                try:
+                    conn.sock.send(_CONTINUE)
+                except OSError:
+                    self._close(conn)
+                    return
+            self._rearm(conn, now)
+            return
+        if self.waiting >= waiting_bound(self.max_waiting, self.rate, self.deadline_s, self.nthreads):
+            self._shed(conn, extent, now)
+            return
+        self._enqueue(Job(conn, now, now + self.deadline_s))
+
+    def _enqueue(self, job: Job) -> None:
+        job.conn.held = True
+        with self._claim:
+            self.waiting += 1
+        self.jobs.append(job)
+        self.ready.put(job)
+
+    def _shed(self, conn: Conn, extent: int, now: float) -> None:
+        """Overload: answer 503 at once, keeping the connection when the request's end is known."""
+        self.metrics.count_dropped("overload")
+        retry = max(1, math.ceil(self.waiting / self.rate)) if self.rate > 0 else 1
+        keep = extent > 0
+        response = error_response(
+            503, "Service Unavailable",
+            f"Server overloaded: {self.waiting} requests are waiting in this worker; retry later",
+            headers=(("Retry-After", str(retry)),), close=not keep)
+        try:
+            sent = conn.sock.send(response)
+        except OSError:
+            sent = -1
+        if not keep or sent != len(response):
+            self._close(conn)
+            return
+        del conn.buf[:extent]
+        conn.continued = False
+        if conn.buf:
+            conn.first_byte = now
+            self._dispatch(conn, now)
+        else:
+            self._rearm(conn, now)
+
+    def _rearm(self, conn: Conn, now: float) -> None:
+        """Give a connection back to the loop: wait for its bytes, under a timer."""
+        conn.held = False
+        conn.gen += 1
+        if conn.buf:
+            self.reading.append((conn.first_byte + min(self.deadline_s, 60.0), conn, conn.gen))
+        else:
+            self.idle.append((now + self.cfg.keepalive, conn, conn.gen))
+        try:
+            self.poller.modify(conn.fd, _ARM)
+        except OSError:
+            self._close(conn)
+
+    def _close(self, conn: Conn) -> None:
+        if conn.closed:
+            return
+        conn.closed = True
+        if self.conns.get(conn.fd) is conn:
+            del self.conns[conn.fd]  # before close: the number may be reused at once
+        util.close(conn.sock)
+        self.balance.add(-1)
+
+    # -------------------------------------------------------------------------- timers
+    def _expire_deadlines(self, now: float) -> None:
+        """Answer requests still unanswered at their deadline (504), in arrival order."""
+        jobs = self.jobs
+        while jobs and (jobs[0].done or jobs[0].deadline <= now):
+            job = jobs.popleft()
+            if job.done:
+                continue
+            with self._claim:
+                if job.answered:
+                    continue
+                job.answered = True
+            self.metrics.count_dropped("deadline")
+            conn = job.conn
+            try:
+                conn.sock.send(deadline_response(self.timeout_ms))
+                conn.sock.shutdown(socket.SHUT_RDWR)  # the thread that holds it closes it
+            except OSError:
+                pass
+
+    def _housekeeping(self, now: float) -> None:
+        self._housekept = now
+        for timers, status in ((self.idle, None), (self.reading, 408)):
+            while timers and timers[0][0] <= now:
+                _, conn, gen = timers.popleft()
+                if conn.gen != gen or conn.closed:
+                    continue  # it moved on since
+                if status is not None and self.alive:
+                    with contextlib.suppress(OSError):
+                        conn.sock.send(error_response(408, "Request Timeout",
+                                                      "The request was not received in time"))
+                self._close(conn)
+        if not self._accepting and self.alive and len(self.conns) < self.max_connections and (
+                not self._accept_after or now >= self._accept_after):
+            self._set_accepting(True)  # below the connection cap again
+        oldest = min((t for t in self.busy_since if t), default=0.0)
+        stuck = oldest and now - oldest > self.cfg.timeout
+        if stuck:
+            if not self._stuck_logged:
+                self.log.error("tfwsgi: a request thread has been on one request for %.0fs (over "
+                               "gunicorn's timeout): no heartbeat, so this worker is replaced",
+                               now - oldest)
+                self._stuck_logged = True
+        elif now - self._beat >= 0.5:
+            self._beat = now
+            self.notify()
+        mark_t, mark_n = self._rate_mark
+        if now - mark_t >= 1.0:
+            done = self.completed
+            measured = (done - mark_n) / (now - mark_t)
+            self.rate = measured if self.rate == 0 else 0.7 * self.rate + 0.3 * measured
+            self._rate_mark = (now, done)
+            self.metrics.set_connection_state(len(self.conns), self.waiting)
+
+    def _stop(self, threads: list[threading.Thread]) -> None:
+        """Stop: no new connections; idle ones close; requests in flight and waiting finish
+        (answered with ``Connection: close``), within gunicorn's graceful timeout."""
+        self._set_accepting(False)
+        deadline = time.monotonic() + self.cfg.graceful_timeout
+        while time.monotonic() < deadline:
+            for conn in list(self.conns.values()):
+                if not conn.held:  # idle, or still sending its request
+                    self._close(conn)
+            if not self.waiting and not any(self.busy_since):
+                break
+            self.notify()
+            self._poll_once(0.05)
+        for _ in threads:
+            self.ready.put(None)
+        for conn in list(self.conns.values()):
+            self._close(conn)
+
+    # -------------------------------------------------------------------------- request threads
+    def _request_thread(self, index: int) -> None:
+        while True:
+            with self._claim:
+                self.free_threads += 1
+            job = self.ready.get()
+            with self._claim:
+                self.free_threads -= 1
+                if job is not None:
+                    self.waiting -= 1
+            if job is None:
+                return
+            try:
+                self._serve(index, job)
+            except Exception:  # never lose the thread
+                self.log.exception("tfwsgi: error serving a connection")
+                self._finish(job.conn, None)
+
+    def _serve(self, index: int, job: Job | None) -> None:
+        """Serve ``job``, then the connection's next requests while they come without waiting."""
+        while job is not None:
+            conn = job.conn
+            now = time.monotonic()
+            self.metrics.observe_wait(now - job.arrived)
+            with self._claim:
+                expired = job.answered or now >= job.deadline
+                if not job.answered and expired:
+                    job.answered = True
+                    late = True
+                else:
+                    late = False
+            if expired:  # dropped before it runs
+                if late:
+                    self.metrics.count_dropped("deadline")
+                    with contextlib.suppress(OSError):
+                        Channel(conn, job.deadline).sendall(deadline_response(self.timeout_ms))
+                job.done = True
+                self._finish(conn, None)
+                return
+            self.busy_since[index] = now
+            try:
+                keep = self._handle(conn, job)
+            finally:
+                self.busy_since[index] = 0.0
+                job.done = True
+                self.completed += 1
+            if not keep:
+                self._finish(conn, None)
+                return
+            job = self._next_job(conn)
+
+    def _next_job(self, conn: Conn) -> Job | None:
+        """The connection's next request if it is already in, or comes within ``PARK_SECONDS``
+        while nobody else waits and another thread is free; else the loop takes the connection."""
+        now = time.monotonic()
+        if (not conn.buf and not self.waiting and self.free_threads > 0
+                and _wait(conn.sock, select.POLLIN, PARK_SECONDS)):
+            try:
+                data = conn.sock.recv(_RECV)
+            except BlockingIOError:
+                data = None
+            except OSError:
+                data = b""
+            if data == b"":
+                self._finish(conn, None)
+                return None
+            if data:
+                now = time.monotonic()
+                conn.first_byte = now
+                conn.buf += data
+        if conn.buf:
+            extent = request_extent(conn.buf, self.max_body)
+            if extent != NEED_MORE and self.alive:
+                job = Job(conn, now, now + self.deadline_s)
+                self.jobs.append(job)
+                return job
+        self._finish(conn, now)
+        return None
+
+    def _finish(self, conn: Conn, now: float | None) -> None:
+        """A thread lets go of a connection: back to the loop (``now`` given) or closed."""
+        if now is None or not self.alive:
+            self._close(conn)
+            return
+        if conn.buf and request_extent(conn.buf, self.max_body) != NEED_MORE:
+            self._enqueue(Job(conn, now, now + self.deadline_s))
+            return
+        self._rearm(conn, now)
+
+    def _handle(self, conn: Conn, job: Job) -> bool:
+        """Parse and answer one request with gunicorn's parser; True if the connection stays."""
+        channel = Channel(conn, job.deadline)
+        parser = http.get_parser(self.cfg, channel, conn.addr)
+        parser.req_count = conn.served
         req = None
         try:
-            if self.cfg.is_ssl:
-                client = sock.ssl_wrap_socket(client, self.cfg)
-            # Waiting for a request (and for each read of one) ends after the keep-alive timeout.
-            # The kernel's receive timeout, not settimeout(): that makes Python poll() before
-            # every recv() and send(), two system calls where one does (measured: 5.5k against
-            # 9k req/s for a bare WSGI app).
-            timeout = _TIMEVAL.pack(max(self.cfg.keepalive, 1), 0)
-            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeout)
-            client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeout)
-            parser = http.get_parser(self.cfg, client, addr)
-            served = 0
-            while True:
-                req = next(parser)
-                if not req:
-                    return
-                served += 1
-                last = served >= MAX_KEEPALIVE_REQUESTS
-                if not self.handle_request(listener, req, client, addr, last):
-                    return
-                deadline = time.monotonic() + max(self.cfg.keepalive, 1)
-                if not parser.finish_body(deadline=deadline):
-                    return
-                req = None
-        except (http.errors.NoMoreData, StopIteration, TimeoutError, BlockingIOError):
-            return  # the client closed, or went quiet (EAGAIN: the receive timeout)
+            req = next(parser)
+            if not req:
+                return False
+            conn.served += 1
+            last = conn.served >= MAX_KEEPALIVE_REQUESTS
+            if not self.handle_request(conn, channel, req, job, last):
+                return False
+            if not parser.finish_body():
+                return False
+            conn.buf = bytearray(parser.unreader.take_buffered() + channel.rest())
+            conn.continued = False
+            return True
+        except (http.errors.NoMoreData, StopIteration, TimeoutError):
+            return False
         except OSError as exc:
-            if exc.errno not in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
+            if exc.errno not in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF):
                 self.log.exception("Socket error processing request.")
+            return False
         except Exception as exc:
-            self.handle_error(req, client, addr, exc)
+            with self._claim:
+                claimed = not job.answered
+                job.answered = True
+            if claimed:
+                self.handle_error(req, channel, conn.addr, exc)
+            return False
 
-    def handle_request(self, listener: socket.socket, req: Any, client: socket.socket, addr: Any,
-                       last: bool) -> bool:
-        """One request (as gunicorn's own workers do); True if the connection stays open."""
+    def handle_request(self, conn: Conn, channel: Channel, req: Any, job: Job, last: bool) -> bool:
+        """One request (as gunicorn's own workers do); True if the connection stays open.
+        Adapted from gunicorn 27.0 ``workers/gthread.py`` ``ThreadWorker.handle_request``: the
+        response is written only if the loop has not answered the request's deadline first."""
         environ: dict[str, Any] = {}
         resp = None
         try:
             self.cfg.pre_request(self, req)
             request_start = datetime.now()
-            resp, environ = wsgi.create(req, client, addr, self.listener_names[listener], self.cfg)
+            resp, environ = wsgi.create(req, channel, conn.addr, conn.server, self.cfg)
             environ["wsgi.multithread"] = True
+            environ["tfwsgi.deadline"] = job.deadline
             self.nr += 1
             if self.nr >= self.max_requests and self.alive:
                 self.log.info("Autorestarting worker after current request.")
@@ -235,9 +796,14 @@ class ThreadWorker(base.Worker):
             if last or not self.alive or not self.cfg.keepalive:
                 resp.force_close()
             respiter = self.wsgi(environ, resp.start_response)
-            if not self.alive:  # stopping while the app ran: say so in this response's headers
-                resp.force_close()
             try:
+                with self._claim:
+                    mine = not job.answered
+                    job.answered = True
+                if not mine:  # the loop answered 504 at the deadline meanwhile
+                    return False
+                if not self.alive:  # stopping while the app ran: say so in this response's headers
+                    resp.force_close()
                 if isinstance(respiter, environ["wsgi.file_wrapper"]):
                     resp.write_file(respiter)
                 else:
@@ -262,3 +828,7 @@ class ThreadWorker(base.Worker):
             except Exception:
                 self.log.exception("Exception in post_request hook")
         return False
+
+
+# The name gunicorn_conf.py used before: -k tfwsgi.worker.ThreadWorker keeps working.
+ThreadWorker = EventWorker

@@ -17,12 +17,17 @@ if __name__ == "__config__":  # gunicorn reading it: may start the master again,
 
 bind = hooks.bind_addresses(_settings)  # a socket passed by systemd wins (tfwsgi.socket)
 workers = _settings.workers or os.cpu_count() or 1
-# Keep-alive connections, one thread each (see tfwsgi/worker.py): concurrent requests in one
-# worker are what the dynamic batcher merges. `threads` is the connections a worker serves at once.
+# An epoll loop holds every keep-alive connection; `threads` request threads serve complete
+# requests in arrival order (see tfwsgi/worker.py). Concurrent requests in one worker are what the
+# dynamic batcher merges. `worker_connections` caps the connections one worker holds.
 worker_class = "tfwsgi.worker.EventWorker"
 threads = 64
+worker_connections = 10_000
+backlog = 4096  # a burst of thousands of new connections waits here (the kernel caps it at somaxconn)
 preload_app = False  # the app (and TensorFlow) load in each worker, after fork
-timeout = 60  # per request; model loading keeps the worker alive with its own heartbeat
+# A worker whose request thread is on one request longer than this is replaced (its heartbeat
+# stops); keep it above TFWSGI_REST_API_TIMEOUT_IN_MS. Model loading keeps its own heartbeat.
+timeout = 60
 graceful_timeout = 30
 keepalive = 5
 # A backstop against slow leaks, not the fix: a restart reloads every model, so it is rare

@@ -212,7 +212,7 @@ def waiting_bound(setting: int, rate: float, deadline_s: float, threads: int) ->
     deadline at its measured rate, and never fewer than its threads."""
     if setting > 0:
         return setting
-    if rate <= 0 or deadline_s <= 0:
+    if rate <= 0 or not 0 < deadline_s < math.inf:
         return sys.maxsize
     return max(threads, int(rate * deadline_s))
 
@@ -455,7 +455,9 @@ class EventWorker(base.Worker):
             return
         for fd in self.listeners:
             if on:
-                self.poller.register(fd, _EPOLLIN | select.EPOLLEXCLUSIVE)
+                # Every worker is woken for a new connection (not EPOLLEXCLUSIVE, which wakes one,
+                # even a worker that is deferring to a less loaded sibling or is stopped).
+                self.poller.register(fd, _EPOLLIN)
             else:
                 self.poller.unregister(fd)
         self._accepting = on

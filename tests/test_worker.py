@@ -1,0 +1,71 @@
+"""The pure parts of tfwsgi.worker: when a request is all in, the waiting bound, error responses."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from tfwsgi.worker import HAND_OVER, NEED_MORE, error_response, request_extent, waiting_bound, wants_continue
+
+HEAD = b"POST /v1/models/m:predict HTTP/1.1\r\nHost: x\r\n"
+
+
+def test_a_request_without_body_ends_with_its_head():
+    req = b"GET /v1/models/m HTTP/1.1\r\nHost: x\r\n\r\n"
+    assert request_extent(req, 100) == len(req)
+    assert request_extent(req + b"GET /next", 100) == len(req)  # pipelined bytes are not its own
+    for cut in range(len(req)):
+        assert request_extent(req[:cut], 100) == NEED_MORE
+
+
+def test_a_content_length_body_must_be_all_in():
+    req = HEAD + b"Content-Length: 10\r\n\r\n0123456789"
+    assert request_extent(req, 100) == len(req)
+    for cut in range(len(req)):
+        assert request_extent(req[:cut], 100) == NEED_MORE
+    assert request_extent(HEAD + b"content-LENGTH:  10 \r\n\r\n0123456789", 100) == len(req) + 2
+
+
+def test_lengths_gunicorn_refuses_or_the_app_answers_413_are_handed_over_at_once():
+    assert request_extent(HEAD + b"Content-Length: 1x\r\n\r\n", 100) == HAND_OVER
+    assert request_extent(HEAD + b"Content-Length: 1\r\nContent-Length: 1\r\n\r\n", 100) == HAND_OVER
+    assert request_extent(HEAD + b"Content-Length: 101\r\n\r\n", 100) == HAND_OVER
+    assert request_extent(HEAD + b"X: " + b"a" * 200_000, 100) == HAND_OVER  # a head too large
+
+
+def test_a_chunked_body_must_be_all_in_with_its_trailers():
+    body = b"5\r\nhello\r\n3;ext=1\r\nabc\r\n0\r\n\r\n"
+    req = HEAD + b"Transfer-Encoding: chunked\r\n\r\n" + body
+    assert request_extent(req, 100) == len(req)
+    for cut in range(len(req)):
+        assert request_extent(req[:cut], 100) == NEED_MORE, cut
+    trailers = HEAD + b"Transfer-Encoding: chunked\r\n\r\n0\r\nX-T: 1\r\n\r\n"
+    assert request_extent(trailers, 100) == len(trailers)
+    assert request_extent(trailers[:-2], 100) == NEED_MORE
+    assert request_extent(HEAD + b"Transfer-Encoding: chunked\r\n\r\nzz\r\n", 100) == HAND_OVER
+    assert request_extent(HEAD + b"Transfer-Encoding: chunked\r\n\r\n65\r\n", 100) == HAND_OVER
+
+
+def test_expect_100_continue_is_seen_in_a_complete_head_only():
+    assert wants_continue(HEAD + b"Expect: 100-continue\r\nContent-Length: 5\r\n\r\n")
+    assert not wants_continue(HEAD + b"Expect: 100-continue\r\n")
+    assert not wants_continue(HEAD + b"Content-Length: 5\r\n\r\n")
+
+
+def test_the_waiting_bound_is_the_setting_or_one_deadline_of_measured_work():
+    assert waiting_bound(7, rate=1000.0, deadline_s=30.0, threads=64) == 7
+    assert waiting_bound(0, rate=1000.0, deadline_s=30.0, threads=64) == 30_000
+    assert waiting_bound(0, rate=1.0, deadline_s=30.0, threads=64) == 64  # never below the threads
+    assert waiting_bound(0, rate=0.0, deadline_s=30.0, threads=64) == sys.maxsize  # nothing measured
+    assert waiting_bound(0, rate=1000.0, deadline_s=float("inf"), threads=64) == sys.maxsize
+
+
+def test_error_responses_carry_tf_servings_json_error():
+    raw = error_response(503, "Service Unavailable", 'busy "now"', headers=(("Retry-After", "2"),))
+    head, body = raw.split(b"\r\n\r\n", 1)
+    lines = head.decode().split("\r\n")
+    assert lines[0] == "HTTP/1.1 503 Service Unavailable"
+    assert "Retry-After: 2" in lines and "Connection: close" in lines
+    assert f"Content-Length: {len(body)}" in lines
+    assert json.loads(body) == {"error": 'busy "now"'}
+    assert b"Connection" not in error_response(503, "x", "y", close=False)

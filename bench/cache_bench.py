@@ -56,8 +56,8 @@ def wrk(url: str, body: str, connections: int, duration: int) -> tuple[float, fl
     return rps, float(p99.group(1)) * scale, int(bad.group(1)) if bad else 0
 
 
-# The peer on tfwsgi's own worker class and connection threads (gunicorn_conf.py's values).
-TFWSGI_WORKER = ("-k", "tfwsgi.worker.ThreadWorker", "--threads", "64")
+# The peer on tfwsgi's own worker class and request threads (gunicorn_conf.py's values).
+TFWSGI_WORKER = ("-k", "tfwsgi.worker.EventWorker", "--threads", "64")
 
 
 def start_peer(mc: MemcachedServer, log: Path, args: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:

@@ -5,7 +5,7 @@ concatenated along the 0th dimension (up to ``max_batch_size`` rows, padded up t
 ``allowed_batch_sizes``), run once, and each gets its own rows back; if the run fails, every
 waiter gets the error. When ``max_enqueued_batches`` batches are already waiting, a request is
 refused as TF Serving refuses it (UNAVAILABLE, 503). Batching helps when a worker has several
-requests in flight at once, i.e. with threaded workers (``-k gthread --threads N``).
+requests in flight at once: the default worker class runs ``threads`` requests at once.
 """
 
 from __future__ import annotations

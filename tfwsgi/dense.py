@@ -27,7 +27,7 @@ from .codec import _MAX_RANK, COLUMNAR, ROW
 # simdjson parsers are not thread-safe and keep the buffers of the largest body they parsed
 # (about 1.2 bytes per body byte), so a worker has a fixed few, made when first needed, and a
 # thread that finds them all busy waits for one (a parse takes well under a millisecond) rather
-# than making more: memory stays bounded however many connection threads parse at once.
+# than making more: memory stays bounded however many request threads parse at once.
 _POOL_SIZE = 2
 _pool: queue.SimpleQueue[simdjson.Parser] = queue.SimpleQueue()
 _made = 0

@@ -113,7 +113,7 @@ SETTINGS: tuple[Setting, ...] = (
             "How many times each warmup record is replayed.", _positive),
     Setting("enable_batching", bool, False,
             "Merge concurrent requests on the same signature into one run (TF Serving's "
-            "`--enable_batching`; each worker's connection threads are the concurrent requests)."),
+            "`--enable_batching`; each worker's request threads are the concurrent requests)."),
     Setting("batching_parameters_file", str, "",
             "TF Serving's batching parameters text file (`max_batch_size { value: 32 }`, "
             "`batch_timeout_micros`, `max_enqueued_batches`, `num_batch_threads`, "

@@ -116,6 +116,12 @@ class Balance:
             self.connections += delta
             self.publish(self.connections)
 
+    def withdraw(self) -> None:
+        """Stopping: siblings see this worker as not accepting from now on."""
+        with self._lock:
+            self.publish(-1)
+            self._shared = None
+
     def least_loaded(self) -> bool:
         """True when no accepting sibling holds fewer connections than this worker."""
         if self._shared is None:
@@ -416,7 +422,7 @@ class EventWorker(base.Worker):
                     break
                 self._poll_once(self._next_timeout())
         finally:
-            self.balance.publish(-1)
+            self.balance.withdraw()
             self._stop(threads)
 
     def _next_timeout(self) -> float:
@@ -640,17 +646,13 @@ class EventWorker(base.Worker):
             self.metrics.set_connection_state(len(self.conns), self.waiting)
 
     def _stop(self, threads: list[threading.Thread]) -> None:
-        """Stop: no new connections; idle ones close; requests in flight and waiting finish
-        (answered with ``Connection: close``), within gunicorn's graceful timeout."""
+        """Stop: no new connections; the loop goes on serving the ones it holds, each answer
+        saying ``Connection: close``, so a request sent on a kept-alive connection just as the
+        worker stops is answered, not dropped; idle connections close at their keep-alive
+        timeout. All within gunicorn's graceful timeout."""
         self._set_accepting(False)
         deadline = time.monotonic() + self.cfg.graceful_timeout
-        while time.monotonic() < deadline:
-            for conn in list(self.conns.values()):
-                if not conn.held:  # idle, or still sending its request
-                    self._close(conn)
-            if not self.waiting and not any(self.busy_since):
-                break
-            self.notify()
+        while self.conns and time.monotonic() < deadline:
             self._poll_once(0.05)
         for _ in threads:
             self.ready.put(None)
@@ -729,7 +731,7 @@ class EventWorker(base.Worker):
                 conn.buf += data
         if conn.buf:
             extent = request_extent(conn.buf, self.max_body)
-            if extent != NEED_MORE and self.alive:
+            if extent != NEED_MORE:  # (when stopping, answered with Connection: close)
                 job = Job(conn, now, now + self.deadline_s)
                 self.jobs.append(job)
                 return job
@@ -737,8 +739,10 @@ class EventWorker(base.Worker):
         return None
 
     def _finish(self, conn: Conn, now: float | None) -> None:
-        """A thread lets go of a connection: back to the loop (``now`` given) or closed."""
-        if now is None or not self.alive:
+        """A thread lets go of a connection: back to the loop (``now`` given) or closed. While
+        the worker stops, the loop still serves a kept-alive connection until its idle timeout,
+        so a request sent on it meanwhile is answered (with ``Connection: close``)."""
+        if now is None:
             self._close(conn)
             return
         if conn.buf and request_extent(conn.buf, self.max_body) != NEED_MORE:

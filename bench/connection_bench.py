@@ -138,14 +138,37 @@ def probe(port: int, timeout: float = PROBE_TIMEOUT) -> tuple[float, int | str]:
         return time.monotonic() - start, type(exc).__name__
 
 
+def server_connections(port: int) -> int:
+    """Connections of the server's side of loopback ``port`` that are open or waiting to be accepted
+    (established or closed by the client, not yet by the server), from /proc/net/tcp{,6}."""
+    n = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] in ("01", "08"):
+                    n += 1
+    return n
+
+
 def settle(port: int) -> None:
-    """Wait (bounded) until a fresh connection is answered: the last run's connections drained."""
-    deadline = time.monotonic() + PROBE_TIMEOUT
+    """Wait (bounded) until the last run's connections are gone, those left in the listen queue
+    included (a server answers them before any new one), and a fresh connection is answered."""
+    start = time.monotonic()
+    deadline = start + PROBE_TIMEOUT
+    quiet = 0
+    while time.monotonic() < deadline and quiet < 2:
+        quiet = quiet + 1 if server_connections(port) == 0 else 0
+        time.sleep(0.5)
     while time.monotonic() < deadline:
         if probe(port, deadline - time.monotonic())[1] == 200:
+            if time.monotonic() - start > 5:
+                print(f"  (port {port} settled in {time.monotonic() - start:.0f} s)", flush=True)
             return
         time.sleep(0.5)
-    print(f"  (port {port} did not answer a fresh connection within {PROBE_TIMEOUT:.0f} s)", flush=True)
+    print(f"  (port {port}: connections left or no answer to a fresh one after {PROBE_TIMEOUT:.0f} s; "
+          f"{server_connections(port)} open)", flush=True)
 
 
 def wrk(url: str, script: Path, connections: int, seconds: int) -> subprocess.Popen:
@@ -168,6 +191,7 @@ def finish(proc: subprocess.Popen, seconds: int) -> dict:
         raise RuntimeError(f"wrk failed:\n{out[-2000:]}") from None
     if r["requests"] == 0:
         r["p99_ms"] = r["mean_ms"] = float("nan")
+        print(f"  (wrk: no request answered)\n{out}", flush=True)
     return r
 
 

@@ -177,7 +177,7 @@ def wrk(url: str, script: Path, connections: int, seconds: int) -> subprocess.Po
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def finish(proc: subprocess.Popen, seconds: int) -> dict:
+def finish(proc: subprocess.Popen, seconds: int, connections: int) -> dict:
     """wrk's summary, once it has run its ``seconds`` (it is killed if it overstays by 90 s)."""
     try:
         out, _ = proc.communicate(timeout=seconds + 90)
@@ -191,12 +191,12 @@ def finish(proc: subprocess.Popen, seconds: int) -> dict:
         raise RuntimeError(f"wrk failed:\n{out[-2000:]}") from None
     if r["requests"] == 0:
         r["p99_ms"] = r["mean_ms"] = float("nan")
-        print(f"  (wrk: no request answered)\n{out}", flush=True)
+        print(f"  (wrk, {connections} connections: no request answered in {seconds} s)", flush=True)
     return r
 
 
 def run_wrk(url: str, script: Path, connections: int, seconds: int) -> dict:
-    return finish(wrk(url, script, connections, seconds), seconds)
+    return finish(wrk(url, script, connections, seconds), seconds, connections)
 
 
 def start(who: str, work: Path, env: dict[str, str], args: tuple[str, ...]) -> tuple[Any, str]:
@@ -231,7 +231,7 @@ def load(srv: Any, url: str, script: Path, c: int, duration: int, warmup: int) -
     time.sleep(duration / 3)
     probe_s, probe_status = probe(srv.port)
     probed_at = time.monotonic() - started
-    r = finish(proc, duration)
+    r = finish(proc, duration, c)
     settle(srv.port)
     in_service = r["rps"] * r["mean_ms"] / 1000 if r["requests"] else 0.0
     return {**r, "in_service": in_service, "probe_s": probe_s, "probe_status": probe_status,
@@ -425,6 +425,8 @@ def plot(results: dict, levels: list[int], path: Path) -> None:
         bad = [c for c in cs if res[c]["probe_status"] != 200]
         axes[2].plot(bad, [res[c]["probe_s"] for c in bad], "x", color="red", markersize=10)
     axes[1].axhline(0.9, color="grey", linewidth=0.8)
+    axes[0].set_ylim(bottom=0)
+    axes[1].set_ylim(bottom=0)
     axes[0].set_ylabel("requests/s")
     axes[1].set_ylabel("in service ÷ connections (goal ≥ 0.9)")
     axes[2].set_ylabel("fresh connection's first predict (s); x: no 200")
@@ -444,7 +446,7 @@ def report(args: argparse.Namespace, levels: list[int], results: dict, idle: dic
     lines = [
         "# Connection-scaling benchmark",
         "",
-        f"`.venv/bin/python bench/connection_bench.py {shlex.join(sys.argv[1:])}`"
+        f"`{' '.join(['.venv/bin/python', 'bench/connection_bench.py', shlex.join(sys.argv[1:])]).strip()}`"
         + f" on {os.cpu_count()} cores. Both servers: gunicorn, 2 workers, `--backlog {BACKLOG}`, "
         "loopback; tfwsgi with its cache off"
         + (f", `{args.tfwsgi_env}`" if args.tfwsgi_env else "")
@@ -497,7 +499,8 @@ def report(args: argparse.Namespace, levels: list[int], results: dict, idle: dic
         all_held = cl.get("answered") == IDLE_CONNECTIONS
         for w in idle["workers"]:
             added = w["pss_held_mb"] - w["pss_before_mb"]
-            ok = yes(added <= 50) + ("" if all_held else " (not all answered)")
+            ok = yes(added <= 50) if all_held else \
+                f"no verdict: {cl.get('answered', 0)} of {IDLE_CONNECTIONS} answered"
             lines.append(f"| {w['pid']} | {w['pss_before_mb']:.1f} | {fmt(w['pss_held_mb'], '.1f')} | "
                          f"{fmt(added, '+.1f')} | {w['sockets_added']} | {ok} |")
         if idle["restarted"]:

@@ -67,13 +67,13 @@ def wrk(url: str, body_file: Path, connections: int, duration: int) -> dict:
 
 
 class Peer:
-    def __init__(self, model_dir: Path, log: Path) -> None:
+    def __init__(self, model_dir: Path, log: Path, extra_args: tuple[str, ...] = ()) -> None:
         self.port = free_port()
         env = {**os.environ, "BENCH_MODEL_DIR": str(model_dir), "TF_CPP_MIN_LOG_LEVEL": "2"}
         with open(log, "wb") as f:
             self.proc = subprocess.Popen(
                 [str(Path(sys.executable).parent / "gunicorn"), "-w", "2", "-b", f"127.0.0.1:{self.port}",
-                 "--no-control-socket", "-t", "120", "bench.peers.plain_app:app"],
+                 "--no-control-socket", "-t", "120", *extra_args, "bench.peers.plain_app:app"],
                 cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         self.url = f"http://127.0.0.1:{self.port}/v1/models/m:predict"
 
@@ -173,14 +173,26 @@ def paced_wrk(url: str, body_file: Path, connections: int, seconds: int, delay_m
     return parse_wrk(out)
 
 
+_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}
+
+
 def parse_wrk(out: str) -> dict:
+    """wrk's summary: rate, p99 and mean latency (ms), requests, and its errors, in all
+    (``errors``) and by kind (``non2xx``, ``connect``, ``read``, ``write``, ``timeout``)."""
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-    m = re.search(r"99%\s+([\d.]+)(us|ms|s)\b", out)
-    p99 = float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)]
+    m = re.search(r"99%\s+([\d.]+)(us|ms|s|m)\b", out)
+    p99 = float(m.group(1)) * _MS[m.group(2)]
+    m = re.search(r"Latency\s+([\d.]+)(us|ms|s|m)\b", out)
+    mean = float(m.group(1)) * _MS[m.group(2)] if m else float("nan")
+    m = re.search(r"(\d+) requests in", out)
+    done = int(m.group(1)) if m else 0
     bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    errors = (int(bad.group(1)) if bad else 0) + (sum(map(int, sock.groups())) if sock else 0)
-    return {"rps": rps, "p99_ms": p99, "errors": errors}
+    kinds = dict(zip(("connect", "read", "write", "timeout"),
+                     map(int, sock.groups()) if sock else (0, 0, 0, 0), strict=True))
+    non2xx = int(bad.group(1)) if bad else 0
+    return {"rps": rps, "p99_ms": p99, "errors": non2xx + sum(kinds.values()), "mean_ms": mean,
+            "requests": done, "non2xx": non2xx, **kinds}
 
 
 def soak(work: Path, seconds: int, tfwsgi_args: tuple[str, ...], tfwsgi_env: dict[str, str],

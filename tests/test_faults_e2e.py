@@ -223,8 +223,8 @@ def test_model_directory_deleted_while_served(start_server, model_root, tmp_path
     assert requests.post(url, json={"instances": [1.0]}, timeout=30).json() == {"predictions": [2.5]}
 
 
-# More than sync workers (1 connection each) can hold; fewer than the default threaded workers
-# (2 × 64 threads), which drop a silent connection after `keepalive` seconds.
+# More than sync workers (1 connection each) can hold. The default worker holds them in its event
+# loop without a thread, and drops a silent connection after `keepalive` seconds.
 SLOW_CLIENTS = 64
 
 
@@ -285,8 +285,9 @@ def test_slow_clients_directly_on_gunicorn(start_server, model_root):
     """Without nginx, the default worker class of gunicorn_conf.py faces the stalled clients
     itself. gunicorn's sync worker serves one connection at a time and has no header timeout, so
     64 stalled clients hold every worker until gunicorn's timeout (60 s) kills it: an expected
-    failure (xfail) with sync, and a failure if sync stops being blocked. The default threaded
-    worker gives each connection a thread of its own and must serve others meanwhile."""
+    failure (xfail) with sync, and a failure if sync stops being blocked. The default worker
+    reads requests in its event loop (no thread is held by a stalled client) and must serve
+    others meanwhile."""
     srv = start_server({"TFWSGI_MODEL_NAME": "hp", "TFWSGI_MODEL_BASE_PATH": str(model_root / "hp")})
     srv.wait_ready()
     worker = re.search(r"Using worker: (\S+)", srv.log())

@@ -314,3 +314,25 @@ def test_metrics_report_connections_waiting_and_wait_time(start_server, model_ro
     assert metric_total(text, "tfwsgi_request_wait_seconds_count") >= 5
     for conn in conns:
         conn.close()
+
+
+def test_a_worker_whose_request_thread_is_stuck_past_the_timeout_is_replaced(start_server, model_root,
+                                                                               tmp_path):
+    """gunicorn's timeout catches stuck request threads again: a request held 6 s (the batcher
+    waits that long for company) in a worker with `--timeout 2` stops its heartbeat, and the
+    master replaces it; the other worker keeps serving meanwhile."""
+    params = tmp_path / "batching.txt"
+    params.write_text("max_batch_size { value: 1000 }\nbatch_timeout_micros { value: 6000000 }\n")
+    srv = start_server(hp_env(model_root, TFWSGI_ENABLE_BATCHING="true",
+                              TFWSGI_BATCHING_PARAMETERS_FILE=str(params)),
+                       workers=1, extra_args=("--timeout", "2"))
+    srv.wait_ready()
+    (victim,) = srv.worker_pids()
+    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30)
+    started = time.monotonic()
+    with pytest.raises((http.client.RemoteDisconnected, ConnectionError)):
+        predict(conn)  # the worker is killed with the request in it
+    assert time.monotonic() - started < 5.5  # replaced before the batch would have run
+    assert "no heartbeat, so this worker is replaced" in srv.log()
+    srv.wait_ready(count=1)
+    assert victim not in srv.worker_pids()

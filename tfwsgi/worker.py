@@ -19,8 +19,10 @@ connection to the request threads only once a whole request is in: its head and,
 therefore never holds a request thread; the loop closes it (408) if the request is not in within
 the deadline. Complete requests wait in one FIFO queue, so threads serve them in arrival order
 across connections. After answering, a thread keeps a connection whose next request is already
-there (or arrives within ``PARK_SECONDS`` while nobody else waits) and serves it without any
-hand-off, which keeps a busy connection as fast as the old thread-per-connection worker.
+there, or arrives while the thread has nothing else to do, and serves it without any hand-off:
+while threads are to spare, a busy connection is served as by the old thread-per-connection worker;
+as soon as a request waits with no thread free, the waiting threads give their connections back
+to the loop and take from the queue.
 
 Each request carries a deadline (``TFWSGI_REST_API_TIMEOUT_IN_MS``, TF Serving's
 ``--rest_api_timeout_in_ms``): the loop answers a request still unanswered at its deadline with
@@ -73,9 +75,10 @@ _DEFER_SECONDS = 0.002
 # Requests served on one connection before it is closed (nginx's keepalive_requests default):
 # clients reconnect, which keeps the spread of connections over workers fresh.
 MAX_KEEPALIVE_REQUESTS = 1000
-# After answering, how long a thread waits on the same connection for its next request while no
-# other request is waiting and another thread is free (no hand-off for a busy connection).
-PARK_SECONDS = 0.002
+# After answering, how long a thread may wait on the same connection for its next request (no
+# hand-off for a busy connection). It waits only while no request waits and another thread is
+# free, and leaves at once when a request is queued with no thread free (the unpark signal).
+PARK_SECONDS = 1.0
 # A request head larger than this is handed to gunicorn's parser, which refuses it (431/414).
 _MAX_HEAD = 128 * 1024
 _RECV = 64 * 1024
@@ -388,6 +391,10 @@ class EventWorker(base.Worker):
         self.reading: deque[tuple[float, Conn, int]] = deque()  # (expires, conn, gen) partial requests
         self.busy_since = [0.0] * self.nthreads
         self.free_threads = 0
+        self.parked = 0  # threads waiting on their last connection for its next request
+        self._unpark_r, self._unpark_w = os.pipe()  # readable: parked threads, leave
+        os.set_blocking(self._unpark_r, False)
+        self._unparking = False
         self.rate = 0.0  # requests completed per second, smoothed
         self.completed = 0
         self._claim = threading.Lock()
@@ -453,6 +460,8 @@ class EventWorker(base.Worker):
             if conn is not None:
                 self._readable(conn, now)
         self._expire_deadlines(now)
+        self._unpark_if_short()
+        self._unpark_done()
         if not self._accepting and self._accept_after and now >= self._accept_after and self.alive:
             self._set_accepting(True)
         if now - self._housekept >= 0.1 or not self.alive:
@@ -546,6 +555,22 @@ class EventWorker(base.Worker):
             self.waiting += 1
         self.jobs.append(job)
         self.ready.put(job)
+        self._unpark_if_short()
+
+    def _unpark_if_short(self) -> None:
+        """A request waits and no thread is free: threads parked on idle connections leave them."""
+        if self.waiting and not self.free_threads and self.parked and not self._unparking:
+            self._unparking = True
+            with contextlib.suppress(BlockingIOError):
+                os.write(self._unpark_w, b"!")
+
+    def _unpark_done(self) -> None:
+        """The loop: once every parked thread has left, parking may start again."""
+        if self._unparking and not self.parked:
+            with contextlib.suppress(BlockingIOError):
+                while os.read(self._unpark_r, 4096):
+                    pass
+            self._unparking = False
 
     def _shed(self, conn: Conn, extent: int, now: float) -> None:
         """Overload: answer 503 at once, keeping the connection when the request's end is known."""
@@ -713,11 +738,10 @@ class EventWorker(base.Worker):
             job = self._next_job(conn)
 
     def _next_job(self, conn: Conn) -> Job | None:
-        """The connection's next request if it is already in, or comes within ``PARK_SECONDS``
-        while nobody else waits and another thread is free; else the loop takes the connection."""
+        """The connection's next request if it is already in, or arrives while this thread has
+        nothing else to do (see ``PARK_SECONDS``); else the loop takes the connection back."""
         now = time.monotonic()
-        if (not conn.buf and not self.waiting and self.free_threads > 0
-                and _wait(conn.sock, select.POLLIN, PARK_SECONDS)):
+        if not conn.buf and self._park(conn):
             try:
                 data = conn.sock.recv(_RECV)
             except BlockingIOError:
@@ -739,6 +763,23 @@ class EventWorker(base.Worker):
                 return job
         self._finish(conn, now)
         return None
+
+    def _park(self, conn: Conn) -> bool:
+        """Wait on the connection while no request waits and another thread is free; True when
+        it has bytes (or closed), False on the unpark signal or after ``PARK_SECONDS``."""
+        with self._claim:
+            if self.waiting or not self.free_threads or self._unparking or not self.alive:
+                return False
+            self.parked += 1
+        try:
+            poller = select.poll()
+            poller.register(conn.fd, select.POLLIN)
+            poller.register(self._unpark_r, select.POLLIN)
+            events = poller.poll(PARK_SECONDS * 1000)
+            return any(fd == conn.fd for fd, _ in events)
+        finally:
+            with self._claim:
+                self.parked -= 1
 
     def _finish(self, conn: Conn, now: float | None) -> None:
         """A thread lets go of a connection: back to the loop (``now`` given) or closed. While

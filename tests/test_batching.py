@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tfwsgi.batching import Batcher, BatchingParameters, parse_batching_parameters
-from tfwsgi.errors import ConfigError, InvalidArgument, TFWSGIError, Unavailable
+from tfwsgi.errors import ConfigError, DeadlineExceeded, InvalidArgument, TFWSGIError, Unavailable
 
 
 class Model:
@@ -136,3 +136,21 @@ def test_parse_batching_parameters():
                        ("enable_large_batch_splitting { value: true }", "not supported")]:
         with pytest.raises(ConfigError, match=match):
             parse_batching_parameters(bad)
+
+
+def test_a_task_past_its_deadline_is_dropped_unrun_and_its_caller_answered_at_the_deadline():
+    """One batch thread busy for 0.5 s: a task queued behind it with a 0.1 s deadline gets
+    DeadlineExceeded at its deadline, and is not run when the thread frees up."""
+    b = Batcher(BatchingParameters(max_batch_size=8, batch_timeout_micros=0))
+    model = Model(delay=0.5)
+    busy = threading.Thread(target=b.run, args=("k", rows(1), model))
+    busy.start()
+    time.sleep(0.1)  # the first batch is running
+    started = time.monotonic()
+    with pytest.raises(DeadlineExceeded):
+        b.run("k", rows(2, start=5), model, deadline=time.monotonic() + 0.1)
+    assert 0.09 < time.monotonic() - started < 0.3
+    busy.join(5)
+    time.sleep(0.1)
+    assert model.batches == [1]  # the expired task never ran
+    assert np.array_equal(b.run("k", rows(1), Model(), deadline=time.monotonic() + 5)["y"], [[0.0]])

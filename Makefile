@@ -54,6 +54,10 @@ lint: venv
 test: venv system-deps lint
 	$(PY) -m pytest
 
+# The fast tier: in-process tests (tests/unit/), no servers started; under a minute.
+unit: venv
+	$(PY) -m pytest tests/unit -q
+
 # The systemd service (systemd/): /opt/tfwsgi, /etc/tfwsgi, the units; see the README.
 install:
 	systemd/install.sh

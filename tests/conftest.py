@@ -15,6 +15,15 @@ from pathlib import Path
 import pytest
 import requests
 
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Everything under tests/e2e/ is an end-to-end test (``-m "not e2e"`` leaves it out),
+    whether or not its file says so."""
+    for item in items:
+        if "e2e" in item.path.parts:
+            item.add_marker(pytest.mark.e2e)
+
+
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 GUNICORN = str(VENV_BIN / "gunicorn")

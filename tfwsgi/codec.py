@@ -226,7 +226,8 @@ def _fast(value: Any, dtype: np.dtype) -> np.ndarray | None:
     if arr.size == 0 and got == "f":
         return arr.astype(dtype)
     if kind == "f" and got in "fiu":
-        return arr.astype(dtype, copy=False)
+        with np.errstate(over="ignore"):  # past the type's range: ±inf, as TF Serving's cast gives
+            return arr.astype(dtype, copy=False)
     if kind == "b" and got == "b":
         return arr
     if kind in "iu" and got in "iu":

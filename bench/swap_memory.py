@@ -97,7 +97,7 @@ def run(args: argparse.Namespace, work: Path, memcached: str) -> None:
     from tensorflow.python.eager import context
 
     from tfwsgi import hooks
-    from tfwsgi.app import create_app
+    from tfwsgi.application import create_app
     from tfwsgi.manager import manager_from_settings
     from tfwsgi.servable import configure_threads
     from tfwsgi.settings import from_env

@@ -1,24 +1,97 @@
-"""The protocol-agnostic core: resolve a servable, then answer from the cache or run the model."""
+"""The core every transport calls once per request: resolve the servable once, decode the body
+for its signature (dense or general JSON), then cache → batcher → signature.
+
+A transport parses its protocol (paths, body limits, Cache-Control → policy, deadline) and
+renders what comes back; it never reaches into the manager, the batcher or TensorFlow.
+"""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from . import metrics
+from . import codec, dense, metrics
 from .batching import DEADLINE_MESSAGE, Batcher
-from .cache import NORMAL, Outcome, PredictionCache, Tensors
-from .errors import DeadlineExceeded
-from .manager import ModelManager
+from .cache import NORMAL, Outcome, PredictionCache
+from .errors import DeadlineExceeded, TFWSGIError
+from .interfaces import Servable, Signature, Tensors
+from .manager import ModelManager, VersionState
 
 DEFAULT_SIGNATURE = "serving_default"
 
 
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which servable a request names: the latest version, a specific one, or a label's."""
+
+    name: str
+    version: int | None = None
+    label: str | None = None
+
+
+@dataclass(frozen=True)
+class Options:
+    """How to answer: the cache policy and the deadline (``time.monotonic()``; None: none)."""
+
+    policy: str = NORMAL
+    deadline: float | None = None
+
+
+@dataclass
+class Prediction:
+    outputs: Tensors
+    fmt: str  # codec.ROW or codec.COLUMNAR: how the request was written, so the answer matches
+    outcome: Outcome
+
+
+@dataclass
+class Inference:
+    """A classify or regress answer: its tensors and what the cache did."""
+
+    outputs: Tensors
+    outcome: Outcome
+
+
+class JsonPredict:
+    """A TF Serving JSON predict body, decoded for the servable the core resolved: one dense
+    array of numbers without a Python float each when the signature takes it, else the
+    general decoder (TF Serving's order of errors: the body's own, then the model's)."""
+
+    __slots__ = ("_doc", "raw")
+
+    def __init__(self, raw: bytes) -> None:
+        self.raw = raw
+        self._doc: dict[str, Any] | None = None
+
+    def doc(self) -> dict[str, Any]:
+        if self._doc is None:
+            self._doc = codec.parse_json(self.raw)
+        return self._doc
+
+    def check(self) -> None:
+        """Raise the body's own error, if any (asked when the model is not found)."""
+        codec.signature_name(self.doc())
+
+    def decode(self, servable: Servable) -> tuple[Signature, dict[str, np.ndarray], str]:
+        if servable.takes_dense:
+            found = dense.parse(self.raw)
+            if found is not None:
+                sig = servable.signature(found.signature_name)
+                inputs = found.inputs(sig.inputs)
+                if inputs is not None:
+                    return sig, inputs, found.fmt
+        doc = self.doc()
+        sig = servable.signature(codec.signature_name(doc))
+        inputs, fmt = codec.decode_predict(doc, sig.inputs)
+        return sig, inputs, fmt
+
+
 class DataPlane:
-    """What every transport calls: predict, classify and regress on decoded tensors."""
+    """predict, classify, regress, metadata and status on a model spec."""
 
     def __init__(self, manager: ModelManager, cache: PredictionCache,
                  batcher: Batcher | None = None) -> None:
@@ -26,41 +99,32 @@ class DataPlane:
         self.cache = cache
         self.batcher = batcher
 
-    def servable(self, name: str, version: int | None, label: str | None) -> Any:
-        return self.manager.servable(name, version, label)
+    def servable(self, spec: ModelSpec) -> Servable:
+        servable: Servable = self.manager.servable(spec.name, spec.version, spec.label)
+        return servable
 
-    def _run(self, servable: Any, signature: str, method: str, inputs: Mapping[str, np.ndarray],
-             compute: Callable[[], Tensors], policy: str,
-             deadline: float | None) -> tuple[Tensors, Outcome]:
-        def counted() -> Tensors:
-            out = compute()
-            metrics.MODEL_RUNS.labels(servable.name, str(servable.version), signature, method).inc()
-            return out
-
-        answer = self.cache.get_or_compute(servable.name, servable.version, signature, method,
-                                           inputs, counted, policy)
-        if deadline is not None and time.monotonic() > deadline:
-            raise DeadlineExceeded(DEADLINE_MESSAGE)  # too late: the connection layer answered
-        return answer
-
-    def predict(self, servable: Any, signature: Any, inputs: Mapping[str, np.ndarray],
-                policy: str = NORMAL, deadline: float | None = None) -> tuple[Tensors, Outcome]:
+    def predict(self, spec: ModelSpec, body: JsonPredict, options: Options = Options()) -> Prediction:
+        try:
+            servable = self.servable(spec)
+        except TFWSGIError:
+            body.check()  # a malformed body is answered as such before a missing model
+            raise
+        sig, inputs, fmt = body.decode(servable)
         batcher = self.batcher
         if batcher is None:
-            def compute() -> Tensors:
-                return signature.run(inputs)
+            run: Callable[[], Tensors] = lambda: sig.run(inputs)  # noqa: E731
         else:
-            key = (servable.name, servable.version, signature.name)
+            key = (servable.name, servable.version, sig.name)
+            run = lambda: batcher.run(key, inputs, sig.run, options.deadline)  # noqa: E731
+        outputs, outcome = self._answer(servable, sig.name, "predict", inputs, run, options)
+        return Prediction(outputs, fmt, outcome)
 
-            def compute() -> Tensors:
-                return batcher.run(key, inputs, signature.run, deadline)
-        return self._run(servable, signature.name, "predict", inputs, compute, policy, deadline)
-
-    def classify(self, servable: Any, signature_name: str, examples: np.ndarray,
-                 policy: str = NORMAL, deadline: float | None = None) -> tuple[Tensors, Outcome]:
+    def classify(self, spec: ModelSpec, signature_name: str, examples: np.ndarray,
+                 options: Options = Options()) -> Inference:
+        servable = self.servable(spec)
         name = signature_name or DEFAULT_SIGNATURE
 
-        def compute() -> Tensors:
+        def run() -> Tensors:
             classes, scores = servable.classify(name, examples)
             out = {}
             if classes is not None:
@@ -69,10 +133,33 @@ class DataPlane:
                 out["scores"] = scores
             return out
 
-        return self._run(servable, name, "classify", {"inputs": examples}, compute, policy, deadline)
+        return Inference(*self._answer(servable, name, "classify", {"inputs": examples}, run, options))
 
-    def regress(self, servable: Any, signature_name: str, examples: np.ndarray,
-                policy: str = NORMAL, deadline: float | None = None) -> tuple[Tensors, Outcome]:
+    def regress(self, spec: ModelSpec, signature_name: str, examples: np.ndarray,
+                options: Options = Options()) -> Inference:
+        servable = self.servable(spec)
         name = signature_name or DEFAULT_SIGNATURE
-        return self._run(servable, name, "regress", {"inputs": examples},
-                         lambda: {"outputs": servable.regress(name, examples)}, policy, deadline)
+        return Inference(*self._answer(servable, name, "regress", {"inputs": examples},
+                                       lambda: {"outputs": servable.regress(name, examples)}, options))
+
+    def metadata(self, spec: ModelSpec) -> tuple[Servable, dict[str, Any]]:
+        """The servable answering and its signature_def map (TF Serving's GetModelMetadata)."""
+        servable = self.servable(spec)
+        return servable, servable.signature_def_map
+
+    def status(self, spec: ModelSpec) -> list[VersionState]:
+        """TF Serving's GetModelStatus: it looks only at the version (with a label, every version)."""
+        return self.manager.status(spec.name, spec.version)
+
+    def _answer(self, servable: Servable, signature: str, method: str, inputs: Mapping[str, np.ndarray],
+                run: Callable[[], Tensors], options: Options) -> tuple[Tensors, Outcome]:
+        def counted() -> Tensors:
+            out = run()
+            metrics.MODEL_RUNS.labels(servable.name, str(servable.version), signature, method).inc()
+            return out
+
+        answer = self.cache.get_or_compute(servable.name, servable.version, signature, method,
+                                           inputs, counted, options.policy)
+        if options.deadline is not None and time.monotonic() > options.deadline:
+            raise DeadlineExceeded(DEADLINE_MESSAGE)  # too late: the connection layer answered
+        return answer

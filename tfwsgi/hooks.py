@@ -1,4 +1,6 @@
-"""gunicorn hook bodies. The master never runs TensorFlow: everything TF happens in ``post_fork``."""
+"""gunicorn hook bodies. The master never runs TensorFlow; a worker sets its process up in
+``post_fork`` (cores, TF threads, malloc), then gunicorn installs its signal handlers and loads
+``tfwsgi:app``, whose factory loads the worker's models (``application.create_app``)."""
 
 from __future__ import annotations
 
@@ -9,24 +11,16 @@ import tempfile
 import threading
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import ConfigError
-from .manager import ModelManager, manager_from_settings, watch
 from .settings import Settings, from_env, with_env_file
 from .source import model_configs
 
 log = logging.getLogger("tfwsgi")
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's own variable
-
-_manager: ModelManager | None = None
-
-
-def worker_manager() -> ModelManager | None:
-    """The manager that ``post_fork`` loaded in this worker, if any."""
-    return _manager
-
 
 def fitted_threads(settings: Settings, workers: int, cores: int | None = None) -> tuple[int, int]:
     """TF intra/inter-op threads for one worker: the settings, or 0 → cores ÷ workers and 1."""
@@ -244,17 +238,39 @@ class _Heartbeat:
         self._thread.join()
 
 
-_heartbeat: _Heartbeat | None = None
-_started = 0.0
-_tf_threads = (0, 0)
+@dataclass
+class WorkerSetup:
+    """What ``post_fork`` set up in a worker (kept on gunicorn's worker object as ``tfwsgi``)."""
+
+    started: float
+    heartbeat: _Heartbeat | None
+    tf_threads: tuple[int, int]
+
+
+def post_fork(server: Any, worker: Any) -> None:
+    """Worker, right after fork: its cores, logging, TF's threads and malloc; the models load
+    next, in the app factory, with a heartbeat running meanwhile."""
+    started = time.monotonic()
+    _pin(worker)  # first: every thread made below inherits the cores
+    _share_gunicorn_logging(server)
+    heartbeat = _Heartbeat(worker, interval=min(1.0, server.cfg.timeout / 4))
+    tf_threads = fitted_threads(from_env(), server.cfg.workers)
+    os.environ.setdefault("OMP_NUM_THREADS", str(tf_threads[0]))
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+    from .servable import configure_threads
+
+    configure_threads(*tf_threads)
+    _limit_malloc_arenas()
+    worker.tfwsgi = WorkerSetup(started, heartbeat, tf_threads)
 
 
 def post_worker_init(worker: Any) -> None:
-    """Worker, app loaded, about to take requests: its own loop keeps the heartbeat from now on."""
-    global _heartbeat
-    if _heartbeat is not None:
-        _heartbeat.stop()
-        _heartbeat = None
+    """Worker, app (and models) loaded, about to take requests: its own loop keeps the
+    heartbeat from now on."""
+    setup: WorkerSetup = worker.tfwsgi
+    if setup.heartbeat is not None:
+        setup.heartbeat.stop()
+        setup.heartbeat = None
     from .metrics import start_flushing
 
     start_flushing()
@@ -262,25 +278,4 @@ def post_worker_init(worker: Any) -> None:
     from .allocator import active
 
     worker.log.info("tfwsgi: worker %d ready in %.2fs (intra_op=%d inter_op=%d cores=%s malloc=%s)",
-                    os.getpid(), time.monotonic() - _started, *_tf_threads, cpus, active())
-
-
-def post_fork(server: Any, worker: Any) -> None:
-    """Worker, right after fork: fit TF's threads, then load every model once, before traffic."""
-    global _manager, _heartbeat, _started, _tf_threads
-    _started = time.monotonic()
-    _pin(worker)  # first: every thread made below inherits the cores
-    _share_gunicorn_logging(server)
-    _heartbeat = _Heartbeat(worker, interval=min(1.0, server.cfg.timeout / 4))
-    settings = from_env()
-    _tf_threads = fitted_threads(settings, server.cfg.workers)
-    os.environ.setdefault("OMP_NUM_THREADS", str(_tf_threads[0]))
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
-    from .servable import configure_threads
-
-    configure_threads(*_tf_threads)
-    _limit_malloc_arenas()
-    manager = manager_from_settings(settings)
-    manager.load_all()
-    watch(manager, settings)
-    _manager = manager
+                    os.getpid(), time.monotonic() - setup.started, *setup.tf_threads, cpus, active())

@@ -26,7 +26,7 @@ def mapped_files(pid: int) -> set[str]:
 
 
 def test_import_tfwsgi_and_config_stay_tensorflow_free():
-    code = ("import sys, tfwsgi, gunicorn_conf, tfwsgi.hooks, tfwsgi.app, tfwsgi.api; "
+    code = ("import sys, tfwsgi, gunicorn_conf, tfwsgi.hooks, tfwsgi.application, tfwsgi.api; "
             "sys.exit('tensorflow' in sys.modules)")
     env = {**os.environ, "TFWSGI_MODEL_BASE_PATH": "/nonexistent"}
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env).returncode == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 
 def test_tensorflow_comes_without_keras_and_keras_still_loads_on_first_use() -> None:
@@ -18,3 +19,32 @@ def test_tensorflow_comes_without_keras_and_keras_still_loads_on_first_use() -> 
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300,
                    env={"TF_CPP_MIN_LOG_LEVEL": "3", "PATH": "/usr/bin:/bin"})
+
+
+def test_each_signature_is_called_flat_and_answers_as_the_public_call(tmp_path: Path) -> None:
+    """Signature.run calls the signature function flat (skipping the keyword binding); every
+    signature of a many-dtype model must take that path and answer exactly as ``fn(**feeds)``."""
+    import numpy as np
+    import tensorflow as tf
+
+    from models import build_multi
+    from tfwsgi.servable import Servable
+
+    servable = Servable("multi", 1, build_multi(str(tmp_path / "multi" / "1")))
+    assert len(servable.signatures) >= 5
+    # A serialized tf.Example for the classify/regress signatures (any string for the others).
+    example = tf.train.Example(features=tf.train.Features(feature={
+        "x": tf.train.Feature(float_list=tf.train.FloatList(value=[1.0]))})).SerializeToString()
+    for name, sig in servable.signatures.items():
+        assert sig.flat_order is not None and set(sig.flat_order) == set(sig.inputs), name
+        inputs = {}
+        for key, dtype in sig.inputs.items():
+            shape = [2 if d is None else d for d in sig.input_shapes[key].as_list()]
+            inputs[key] = (np.full(shape, example, dtype=object) if dtype.kind == "O"
+                           else np.ones(shape, dtype=dtype))
+        flat = sig.run(inputs)
+        public = sig.fn(**{k: tf.constant(v, dtype=tf.string if v.dtype.kind == "O" else None)
+                           for k, v in inputs.items()})
+        assert set(flat) == set(public), name
+        for key, value in public.items():
+            np.testing.assert_array_equal(flat[key], value.numpy(), err_msg=f"{name}/{key}")

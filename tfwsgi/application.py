@@ -1,4 +1,8 @@
-"""``create_app()``: the Flask application of one worker, with its state in ``app.extensions``."""
+"""``create_app()``: the Flask application of one worker, with its state in ``app.extensions``.
+
+Under gunicorn it is built in each worker (``tfwsgi:app``, after ``post_fork``) and loads that
+worker's models before the worker takes a request.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +15,7 @@ from typing import Any
 from flask import Flask, Response, current_app, request
 from flask.sessions import NullSession, SessionInterface, SessionMixin
 
-from . import codec, metrics
-from .api import CORS_HEADERS, RestAPI
+from . import api, codec, metrics
 from .batching import Batcher, BatchingParameters, parse_batching_parameters
 from .cache import PredictionCache
 from .dataplane import DataPlane
@@ -22,7 +25,7 @@ from .settings import Settings, from_env
 
 log = logging.getLogger("tfwsgi")
 
-OPENAPI_PATH = "/openapi.json"  # outside /v1/, which is TF Serving's and routed by api.RestAPI
+OPENAPI_PATH = "/openapi.json"  # outside /v1/, which is TF Serving's (api.blueprint)
 
 
 class _NoSessions(SessionInterface):
@@ -45,13 +48,10 @@ class WorkerState:
 
 
 def create_app(manager: ModelManager | None = None, settings: Settings | None = None) -> Flask:
-    """Build the app around this worker's manager (loaded by the post_fork hook, or here)."""
+    """Build the app around a manager: the given one, or one that loads every configured model
+    now (in this process) and watches for new versions."""
     settings = settings or from_env()
-    from . import hooks
-
     if manager is None:
-        manager = hooks.worker_manager()
-    if manager is None:  # not under gunicorn_conf.py: load in this process now
         manager = manager_from_settings(settings)
         manager.load_all()
         watch(manager, settings)
@@ -60,18 +60,18 @@ def create_app(manager: ModelManager | None = None, settings: Settings | None = 
     app.session_interface = _NoSessions()
     app.url_map.merge_slashes = False
     cache = PredictionCache(settings)
-    state = app.extensions["tfwsgi"] = WorkerState(settings, DataPlane(manager, cache, _batcher(settings)))
+    app.extensions["tfwsgi"] = WorkerState(settings, DataPlane(manager, cache, _batcher(settings)))
 
     app.add_url_rule("/v2/health/live", "live", _live)
     app.add_url_rule("/v2/health/ready", "ready", _ready)
     app.add_url_rule(OPENAPI_PATH, "openapi", _openapi)
     for i, path in enumerate(metrics.prometheus_paths(settings.monitoring_config_file)):
         app.add_url_rule(path, f"metrics_{i}", _metrics)
+    app.register_blueprint(api.blueprint)
     app.register_error_handler(TFWSGIError, _tfwsgi_error)
     app.register_error_handler(Exception, _unexpected)
     if settings.rest_api_enable_cors_support:
         app.after_request(_cors)
-    app.wsgi_app = RestAPI(state, app.wsgi_app)  # type: ignore[method-assign]
     return app
 
 
@@ -135,6 +135,6 @@ def _unexpected(exc: Exception) -> Response:
 
 
 def _cors(response: Response) -> Response:
-    for name, value in CORS_HEADERS:  # the same headers the /v1 API sends
+    for name, value in api.CORS_HEADERS:
         response.headers[name] = value
     return response

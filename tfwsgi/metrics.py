@@ -15,6 +15,7 @@ import time
 from bisect import bisect_left
 from collections.abc import Callable
 from contextlib import contextmanager
+from http import HTTPStatus
 from time import perf_counter
 from typing import Any, TypeVar
 from urllib.parse import unquote
@@ -30,7 +31,7 @@ from prometheus_client import (
 from prometheus_client import multiprocess as _multiprocess
 from prometheus_client.mmap_dict import MmapedDict
 
-from .errors import CODE_NAMES, ConfigError, TFWSGIError
+from .errors import Code, ConfigError, TFWSGIError
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 T = TypeVar("T")
@@ -118,10 +119,10 @@ _flushed: dict[tuple[str, str, str], list[float]] = {}
 
 def _status_name(exc: BaseException) -> str:
     if isinstance(exc, TFWSGIError):
-        return CODE_NAMES.get(exc.code, "UNKNOWN")
-    if getattr(exc, "code", None) == 413:  # werkzeug's RequestEntityTooLarge, as gRPC names it
-        return "RESOURCE_EXHAUSTED"
-    return "UNKNOWN"
+        return exc.code.name
+    if getattr(exc, "code", None) == HTTPStatus.REQUEST_ENTITY_TOO_LARGE:  # werkzeug's, as gRPC names it
+        return Code.RESOURCE_EXHAUSTED.name
+    return Code.UNKNOWN.name
 
 
 def _new_key(key: tuple[str, str, str]) -> list[float]:
@@ -137,7 +138,7 @@ def observe_request(raw_name: str, method: str, handler: Callable[..., T], *args
     """Run ``handler(*args)`` for a predict/classify/regress call on model ``raw_name`` (as in
     the URL) and count it in TF Serving's request_count and request_latency (µs)."""
     start = perf_counter()
-    status = "OK"
+    status = Code.OK.name
     try:
         return handler(*args)
     except BaseException as exc:

@@ -98,3 +98,15 @@ def test_compaction_keeps_totals_and_bounds_files(tmp_path: Path) -> None:
     assert metric_total(before, "h_count") == 30 + 15
     metrics.compact_dead_process(12345, str(tmp_path))  # unknown pid: nothing happens
     assert _exposition(tmp_path) == before
+
+
+def test_status_names_are_the_canonical_codes() -> None:
+    from werkzeug.exceptions import RequestEntityTooLarge
+
+    from tfwsgi.errors import TFWSGIError, Unavailable
+
+    assert metrics._status_name(Unavailable("busy")) == "UNAVAILABLE"
+    assert metrics._status_name(TFWSGIError("tf", 15)) == "DATA_LOSS"
+    assert metrics._status_name(TFWSGIError("tf", 99)) == "UNKNOWN"
+    assert metrics._status_name(RequestEntityTooLarge()) == "RESOURCE_EXHAUSTED"
+    assert metrics._status_name(KeyError("x")) == "UNKNOWN"

@@ -126,8 +126,9 @@ def _bucket_bounds(histogram: Histogram) -> list[float]:
 
 def _add_observations(histogram: Histogram, total: float, counts: list[float]) -> None:
     """Add many observations to a histogram (or a labelled child) at once: ``total`` to its sum
-    and ``counts[i]`` to bucket i (per bucket), the same values ``Histogram.observe`` writes one
-    observation at a time (``_sum``, ``_buckets``: prometheus_client ``ValueClass`` objects)."""
+    and ``counts[i]`` to bucket i (per bucket): what prometheus_client 0.26 ``metrics.py``
+    ``Histogram.observe`` writes one observation at a time (``_sum``, ``_buckets``: ``ValueClass``
+    objects), without its exemplars."""
     histogram._sum.inc(total)
     for bucket, n in zip(histogram._buckets, counts, strict=True):
         if n:

@@ -2,100 +2,109 @@
 
 from __future__ import annotations
 
-# TensorFlow / absl canonical codes, by number (tensorflow/core/protobuf/error_codes.proto).
-CODE_NAMES: dict[int, str] = {
-    0: "OK",
-    1: "CANCELLED",
-    2: "UNKNOWN",
-    3: "INVALID_ARGUMENT",
-    4: "DEADLINE_EXCEEDED",
-    5: "NOT_FOUND",
-    6: "ALREADY_EXISTS",
-    7: "PERMISSION_DENIED",
-    8: "RESOURCE_EXHAUSTED",
-    9: "FAILED_PRECONDITION",
-    10: "ABORTED",
-    11: "OUT_OF_RANGE",
-    12: "UNIMPLEMENTED",
-    13: "INTERNAL",
-    14: "UNAVAILABLE",
-    15: "DATA_LOSS",
-    16: "UNAUTHENTICATED",
-}
+from enum import IntEnum
 
-# tensorflow_serving/util/net_http/server/internal/... ToHTTPStatusCode (http_server.cc).
-_HTTP_STATUS: dict[int, int] = {
-    0: 200,
-    1: 499,
-    2: 500,
-    3: 400,
-    4: 504,
-    5: 404,
-    6: 409,
-    7: 403,
-    8: 429,
-    9: 400,
-    10: 409,
-    11: 400,
-    12: 501,
-    13: 500,
-    14: 503,
-    15: 500,
-    16: 401,
-}
+
+class Code(IntEnum):
+    """TensorFlow's canonical error codes (tensorflow/core/protobuf/error_codes.proto; absl's and
+    gRPC's use the same numbers and names), each with the HTTP status TF Serving answers for it
+    (``ToHTTPStatusCode`` in tensorflow_serving/util/net_http/server/internal/http_server.cc).
+    A gRPC transport maps a code by its number (``grpc.StatusCode`` holds the same list)."""
+
+    http_status: int
+
+    def __new__(cls, value: int, http_status: int) -> Code:
+        member = int.__new__(cls, value)
+        member._value_ = value
+        member.http_status = http_status
+        return member
+
+    OK = 0, 200
+    CANCELLED = 1, 499
+    UNKNOWN = 2, 500
+    INVALID_ARGUMENT = 3, 400
+    DEADLINE_EXCEEDED = 4, 504
+    NOT_FOUND = 5, 404
+    ALREADY_EXISTS = 6, 409
+    PERMISSION_DENIED = 7, 403
+    RESOURCE_EXHAUSTED = 8, 429
+    FAILED_PRECONDITION = 9, 400
+    ABORTED = 10, 409
+    OUT_OF_RANGE = 11, 400
+    UNIMPLEMENTED = 12, 501
+    INTERNAL = 13, 500
+    UNAVAILABLE = 14, 503
+    DATA_LOSS = 15, 500
+    UNAUTHENTICATED = 16, 401
+
+    @classmethod
+    def of(cls, value: int) -> Code:
+        """The code numbered ``value`` (a TensorFlow error's ``error_code``); UNKNOWN if none is."""
+        return _BY_NUMBER.get(value, cls.UNKNOWN)
+
+
+_BY_NUMBER: dict[int, Code] = {code.value: code for code in Code}
+
+
+# The codes' names by number, as TF Serving writes them in JSON (``"error_code": "NOT_FOUND"``).
+CODE_NAMES: dict[int, str] = {code.value: code.name for code in Code}
 
 
 def http_status_for_code(code: int) -> int:
-    """The HTTP status TF Serving answers for a canonical error code."""
-    return _HTTP_STATUS.get(code, 500)
+    """The HTTP status TF Serving answers for a canonical error code (500 for an unknown one)."""
+    return Code.of(code).http_status
 
 
 class TFWSGIError(Exception):
     """An error with a message for the client and the canonical code it maps from."""
 
-    code = 2  # UNKNOWN
+    code: Code = Code.UNKNOWN
 
     def __init__(self, message: str, code: int | None = None) -> None:
         super().__init__(message)
         self.message = message
         if code is not None:
-            self.code = code
+            self.code = Code.of(code)
 
     @property
     def status(self) -> int:
-        return http_status_for_code(self.code)
+        return self.code.http_status
 
 
 class InvalidArgument(TFWSGIError):
-    code = 3
+    code = Code.INVALID_ARGUMENT
 
 
 class DeadlineExceeded(TFWSGIError):
-    code = 4
+    code = Code.DEADLINE_EXCEEDED
 
 
 class NotFound(TFWSGIError):
-    code = 5
+    code = Code.NOT_FOUND
 
 
 class FailedPrecondition(TFWSGIError):
-    code = 9
+    code = Code.FAILED_PRECONDITION
 
 
 class ResourceExhausted(TFWSGIError):
-    code = 8
+    code = Code.RESOURCE_EXHAUSTED
 
 
 class Unimplemented(TFWSGIError):
-    code = 12
+    code = Code.UNIMPLEMENTED
 
 
 class Internal(TFWSGIError):
-    code = 13
+    code = Code.INTERNAL
 
 
 class Unavailable(TFWSGIError):
-    code = 14
+    code = Code.UNAVAILABLE
+
+
+class DataLoss(TFWSGIError):
+    code = Code.DATA_LOSS
 
 
 class ConfigError(ValueError):

@@ -41,6 +41,8 @@ class JsonLogger(Logger):
                 handler.setFormatter(formatter)
 
     def access(self, resp: Any, req: Any, environ: dict[str, Any], request_time: Any) -> None:
+        """Overrides gunicorn 27.0 ``glogging.py`` ``Logger.access`` (same arguments; reads its
+        ``access_log_enabled`` and ``access_log``); the status parsing is its ``atoms``'."""
         if not self.access_log_enabled:
             return
         status = resp.status

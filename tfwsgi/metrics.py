@@ -15,6 +15,7 @@ import time
 from bisect import bisect_left
 from collections.abc import Callable
 from contextlib import contextmanager
+from http import HTTPStatus
 from time import perf_counter
 from typing import Any, TypeVar
 from urllib.parse import unquote
@@ -30,7 +31,7 @@ from prometheus_client import (
 from prometheus_client import multiprocess as _multiprocess
 from prometheus_client.mmap_dict import MmapedDict
 
-from .errors import CODE_NAMES, ConfigError, TFWSGIError
+from .errors import Code, ConfigError, TFWSGIError
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 T = TypeVar("T")
@@ -103,6 +104,55 @@ WORKER_EXITS = Counter(
     "gunicorn workers that exited (max_requests, SIGHUP, timeouts, crashes); the master starts "
     "a new one for each while it runs.")
 
+# ------------------------------------------------------------------- prometheus_client internals
+# Everything tfwsgi relies on beyond prometheus_client's public API, and only here: setup.cfg
+# bounds its version, and tests/unit/test_metrics.py (test_prometheus_client_internals_*) checks
+# each name, signature and behaviour against the installed release, so an upgrade that changes
+# one fails there. Written against prometheus_client 0.26 (client_python's prometheus_client/
+# metrics.py ``Histogram``, mmap_dict.py ``MmapedDict``, multiprocess.py ``MultiProcessCollector``).
+#
+# Relied on besides the helpers below: in multiprocess mode every process writes its values to
+# ``<kind>_<pid>.db`` files (``gauge_<mode>_<pid>.db`` for gauges), which MultiProcessCollector
+# globs as ``*.db`` and reads by the kind before the first "_", whatever follows it; and a
+# histogram's file holds each bucket's own count (not cumulative), the collector adds them up.
+
+DB_GLOB = "*.db"
+
+
+def _bucket_bounds(histogram: Histogram) -> list[float]:
+    """A histogram's bucket upper bounds, +Inf last (``Histogram._upper_bounds``)."""
+    return list(histogram._upper_bounds)
+
+
+def _add_observations(histogram: Histogram, total: float, counts: list[float]) -> None:
+    """Add many observations to a histogram (or a labelled child) at once: ``total`` to its sum
+    and ``counts[i]`` to bucket i (per bucket): what prometheus_client 0.26 ``metrics.py``
+    ``Histogram.observe`` writes one observation at a time (``_sum``, ``_buckets``: ``ValueClass``
+    objects), without its exemplars."""
+    histogram._sum.inc(total)
+    for bucket, n in zip(histogram._buckets, counts, strict=True):
+        if n:
+            bucket.inc(n)
+
+
+def _db_file(path: str, kind: str, pid: int | str) -> str:
+    """The multiprocess file of one process's counters or histograms (``kind``)."""
+    return os.path.join(path, f"{kind}_{pid}.db")
+
+
+def _add_file(source: str, target: str) -> None:
+    """Add every value of one multiprocess metric file to another's (created if missing), via
+    ``MmapedDict`` (``read_all_values_from_file``, ``read_value``, ``write_value``, ``close``).
+    Zero values are written too: the collector shows only the buckets some file holds, and a
+    histogram without its empty buckets (``+Inf`` among them) breaks ``histogram_quantile``."""
+    archive = MmapedDict(target)
+    try:
+        for key, value, _, _ in list(MmapedDict.read_all_values_from_file(source)):
+            archive.write_value(key, archive.read_value(key)[0] + value, 0.0)
+    finally:
+        archive.close()
+
+
 # ---------------------------------------------------------------------------------- per request
 # A request only adds to plain floats in this process (≈0.5 µs); ``flush`` moves them into
 # prometheus_client's values (≈0.8 µs per mmap write, four writes a request) once a second, before
@@ -110,7 +160,7 @@ WORKER_EXITS = Counter(
 
 _MAX_KEYS = 1000  # distinct (model name, method, status) kept; later ones count as "<other>"
 _APIS = {"predict": "Predict", "classify": "Classify", "regress": "Regress"}
-_BOUNDS = REQUEST_LATENCY._upper_bounds  # the finite bounds and +Inf
+_BOUNDS = _bucket_bounds(REQUEST_LATENCY)  # the finite bounds and +Inf
 _lock = threading.Lock()
 _pending: dict[tuple[str, str, str], list[float]] = {}  # count, sum, per-bucket counts
 _flushed: dict[tuple[str, str, str], list[float]] = {}
@@ -118,10 +168,10 @@ _flushed: dict[tuple[str, str, str], list[float]] = {}
 
 def _status_name(exc: BaseException) -> str:
     if isinstance(exc, TFWSGIError):
-        return CODE_NAMES.get(exc.code, "UNKNOWN")
-    if getattr(exc, "code", None) == 413:  # werkzeug's RequestEntityTooLarge, as gRPC names it
-        return "RESOURCE_EXHAUSTED"
-    return "UNKNOWN"
+        return exc.code.name
+    if getattr(exc, "code", None) == HTTPStatus.REQUEST_ENTITY_TOO_LARGE:  # werkzeug's, as gRPC names it
+        return Code.RESOURCE_EXHAUSTED.name
+    return Code.UNKNOWN.name
 
 
 def _new_key(key: tuple[str, str, str]) -> list[float]:
@@ -137,7 +187,7 @@ def observe_request(raw_name: str, method: str, handler: Callable[..., T], *args
     """Run ``handler(*args)`` for a predict/classify/regress call on model ``raw_name`` (as in
     the URL) and count it in TF Serving's request_count and request_latency (µs)."""
     start = perf_counter()
-    status = "OK"
+    status = Code.OK.name
     try:
         return handler(*args)
     except BaseException as exc:
@@ -153,7 +203,7 @@ def observe_request(raw_name: str, method: str, handler: Callable[..., T], *args
             acc[2 + bisect_left(_BOUNDS, micros)] += 1
 
 
-_WAIT_BOUNDS = REQUEST_WAIT_SECONDS._upper_bounds
+_WAIT_BOUNDS = _bucket_bounds(REQUEST_WAIT_SECONDS)
 _waits = [0.0] * (1 + len(_WAIT_BOUNDS))  # sum, then per-bucket counts, since the last flush
 
 
@@ -187,19 +237,12 @@ def flush() -> None:
                 deltas.append((key, [a - b for a, b in zip(acc, last, strict=True)]))
                 last[:] = acc
     if any(waits[1:]):
-        REQUEST_WAIT_SECONDS._sum.inc(waits[0])
-        for bucket, n in zip(REQUEST_WAIT_SECONDS._buckets, waits[1:], strict=True):
-            if n:
-                bucket.inc(n)
+        _add_observations(REQUEST_WAIT_SECONDS, waits[0], waits[1:])
     for (raw_name, method, status), delta in deltas:
         name = unquote(raw_name)
         REQUEST_COUNT.labels(name, status).inc(delta[0])
         latency = REQUEST_LATENCY.labels(name, _APIS.get(method.lower(), method), "REST")
-        # Histogram.observe adds one observation; these add many, to the same values it writes.
-        latency._sum.inc(delta[1])
-        for bucket, n in zip(latency._buckets, delta[2:], strict=True):
-            if n:
-                bucket.inc(n)
+        _add_observations(latency, delta[1], delta[2:])
 
 
 def start_flushing(interval: float = 1.0) -> None:
@@ -295,23 +338,17 @@ def compact_dead_process(pid: int, path: str) -> None:
     so its counts stay in the totals while the directory holds a bounded number of files."""
     with _dir_lock(path, exclusive=True):
         for kind in ("counter", "histogram"):
-            dead = os.path.join(path, f"{kind}_{pid}.db")
+            dead = _db_file(path, kind, pid)
             if not os.path.exists(dead):
                 continue
-            archive = MmapedDict(os.path.join(path, f"{kind}_{ARCHIVE_PID}.db"))
-            try:
-                # Raw mmap values: per-bucket histogram counts, not cumulative, so they simply add.
-                for key, value, _, _ in list(MmapedDict.read_all_values_from_file(dead)):
-                    if value:
-                        archive.write_value(key, archive.read_value(key)[0] + value, 0.0)
-            finally:
-                archive.close()
+            # Per-bucket histogram counts, not cumulative, so they simply add.
+            _add_file(dead, _db_file(path, kind, ARCHIVE_PID))
             os.unlink(dead)
 
 
 def db_files(path: str) -> list[str]:
     """The metric files in the multiprocess directory."""
-    return glob.glob(os.path.join(path, "*.db"))
+    return glob.glob(os.path.join(path, DB_GLOB))
 
 
 def mark_process_dead(pid: int) -> None:

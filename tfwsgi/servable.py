@@ -20,7 +20,7 @@ from google.protobuf import json_format, text_format
 from google.protobuf.message import DecodeError
 
 from . import dense
-from .errors import FailedPrecondition, InvalidArgument, TFWSGIError
+from .errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound, TFWSGIError, Unimplemented
 
 
 class _KerasOnFirstUse(importlib.abc.MetaPathFinder):
@@ -145,16 +145,16 @@ def _read_meta_graph(path: str) -> Any:
         try:
             sm.ParseFromString(data)
         except DecodeError:
-            raise TFWSGIError(f"Can't parse {pb} as binary proto", 15) from None
+            raise DataLoss(f"Can't parse {pb} as binary proto") from None
     elif os.path.exists(pbtxt):
         with open(pbtxt, encoding="utf-8") as f:
             text_format.Parse(f.read(), sm)
     else:
-        raise TFWSGIError(f"SavedModel file does not exist at: {path}", 5)
+        raise NotFound(f"SavedModel file does not exist at: {path}")
     for mg in sm.meta_graphs:
         if "serve" in mg.meta_info_def.tags:
             return mg
-    raise TFWSGIError(f"Could not find meta graph def matching supplied tags: {{ serve }} in {path}", 5)
+    raise NotFound(f"Could not find meta graph def matching supplied tags: {{ serve }} in {path}")
 
 
 def _flat_order(fn: Any, names: set[str]) -> tuple[str, ...] | None:
@@ -227,7 +227,7 @@ class Servable:
         except TFWSGIError as exc:
             raise TFWSGIError(f"Warmup of {path} failed: {exc.message}", exc.code) from None
         except (tf.errors.OpError, ValueError, DecodeError) as exc:
-            raise TFWSGIError(f"Warmup of {path} failed: {exc}", 3) from None
+            raise InvalidArgument(f"Warmup of {path} failed: {exc}") from None
         log.info("tfwsgi: pid %d warmed up model %s version %d with %d records in %.2fs",
                  os.getpid(), self.name, self.version, records, time.monotonic() - started)
         return records
@@ -246,7 +246,7 @@ class Servable:
             else:
                 self.regress(req.model_spec.signature_name, examples)
         else:
-            raise TFWSGIError(f"Unsupported log_type for warmup: {kind}", 12)
+            raise Unimplemented(f"Unsupported log_type for warmup: {kind}")
 
     def signature(self, name: str) -> Signature:
         """A signature by name ("" is ``serving_default``)."""

@@ -1,20 +1,25 @@
 """Every tfwsgi setting, declared once: name, type, default, environment variable and doc.
 
 Names follow TensorFlow Serving's flags; each is read from ``TFWSGI_<FLAG IN UPPER CASE>``.
+``Settings`` is a frozen dataclass with one typed field per setting, so mypy rejects a misspelled
+setting (``settings.max_request_bytez``) or one used as the wrong type (tests/typecheck/).
 ``python -m tfwsgi.settings`` prints the Markdown table that the README carries.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
+import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from .errors import ConfigError
 
 ENV_PREFIX = "TFWSGI_"
+T = TypeVar("T")
 
 
 def _parse_bool(text: str) -> bool:
@@ -26,31 +31,171 @@ def _parse_bool(text: str) -> bool:
     raise ValueError(f"expected true/false, got {text!r}")
 
 
-def _non_negative(value: Any) -> None:
+def _non_negative(value: int) -> None:
     if value < 0:
         raise ValueError(f"must be >= 0, got {value}")
 
 
-def _port(value: Any) -> None:
+def _port(value: int) -> None:
     if not 0 < value < 65536:
         raise ValueError(f"must be a TCP port (1-65535), got {value}")
 
 
-def _one_of(*choices: str) -> Callable[[Any], None]:
-    def check(value: Any) -> None:
+def _one_of(*choices: str) -> Callable[[str], None]:
+    def check(value: str) -> None:
         if value not in choices:
             raise ValueError(f"must be {' or '.join(choices)}, got {value!r}")
     return check
 
 
-def _positive(value: Any) -> None:
+def _positive(value: int) -> None:
     if value <= 0:
         raise ValueError(f"must be > 0, got {value}")
 
 
+def setting(default: T, doc: str, validate: Callable[[T], None] | None = None) -> T:
+    """Declare one setting as a ``Settings`` field: the field's name is the TF Serving flag, its
+    annotation the type, ``TFWSGI_<NAME>`` the environment variable; ``validate`` raises
+    ValueError for a value of the right type that cannot be used."""
+    return field(default=default, metadata={"doc": doc, "validate": validate})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The values in force, one typed, read-only attribute per setting."""
+
+    env_file: str = setting("",
+            "A file of `TFWSGI_*=value` lines applied at start and again on every SIGHUP, so a "
+            "reload picks up changed settings (the environment of a running master cannot change).")
+    model_name: str = setting("default",
+            "Name of the model served from `model_base_path` (ignored with `model_config_file`).")
+    model_base_path: str = setting("",
+            "Directory holding the model's numeric version subdirectories "
+            "(`<base>/<version>/saved_model.pb`).")
+    model_config_file: str = setting("",
+            "TF Serving `ModelServerConfig` text proto (`model_config_list { config { … } }`); "
+            "overrides `model_name`/`model_base_path`.")
+    tensorflow_intra_op_parallelism: int = setting(0,
+            "Threads one op may use in each worker. 0 fits it to the machine: "
+            "cores ÷ workers, at least 1 (TF's own 0 would give every worker every core).",
+            _non_negative)
+    tensorflow_inter_op_parallelism: int = setting(0,
+            "Ops run in parallel in each worker. 0 fits it to the machine: 1.", _non_negative)
+    cpu_affinity: bool = setting(True,
+            "Pin each worker to its share of the cores this server may use (split evenly over "
+            "the workers, as the TF threads are; with more workers than cores, one core each, "
+            "balanced): its threads stay on one core, where the GIL changes hands cheaply. "
+            "Turn it off when other busy processes share the cores.")
+    file_system_poll_wait_seconds: int = setting(1,
+            "How often each worker looks for new, removed or changed versions under the base "
+            "paths; 0 looks once, at start.", _non_negative)
+    model_config_file_poll_wait_seconds: int = setting(0,
+            "How often each worker re-reads `model_config_file` (models added or removed, "
+            "policies, labels); 0 reads it once.", _non_negative)
+    max_num_load_retries: int = setting(5,
+            "Retries of a version that failed to load (it is reported, never served).",
+            _non_negative)
+    load_retry_interval_micros: int = setting(60_000_000,
+            "Time between those retries, in microseconds.", _non_negative)
+    enable_model_warmup: bool = setting(True,
+            "Replay `assets.extra/tf_serving_warmup_requests` before a version is AVAILABLE.")
+    num_request_iterations_for_warmup: int = setting(1,
+            "How many times each warmup record is replayed.", _positive)
+    enable_batching: bool = setting(False,
+            "Merge concurrent requests on the same signature into one run (TF Serving's "
+            "`--enable_batching`; each worker's request threads are the concurrent requests).")
+    batching_parameters_file: str = setting("",
+            "TF Serving's batching parameters text file (`max_batch_size { value: 32 }`, "
+            "`batch_timeout_micros`, `max_enqueued_batches`, `num_batch_threads`, "
+            "`allowed_batch_sizes`); empty: TF Serving's defaults.")
+    preload_tensorflow: bool = setting(True,
+            "Import (never run) TensorFlow in gunicorn's master before it forks, so every worker "
+            "shares its code pages instead of loading its own copy.")
+    memory_allocator: str = setting("jemalloc",
+            "`jemalloc`: gunicorn's master starts itself again with jemalloc preloaded (when "
+            "libjemalloc.so.2 is installed) and TensorFlow allocates through it, so the memory of "
+            "an unloaded model version goes back to the system; `system`: glibc's malloc, and "
+            "TensorFlow keeps the large blocks it once used. Read at start.",
+            _one_of("jemalloc", "system"))
+    rest_api_port: int = setting(8501,
+            "Port of the REST API when gunicorn's `-b/--bind` is not given "
+            "(binds 0.0.0.0).", _port)
+    rest_api_enable_cors_support: bool = setting(False,
+            "Answer CORS preflight requests and add `Access-Control-Allow-Origin: *`.")
+    rest_api_timeout_in_ms: int = setting(30_000,
+            "Deadline of each REST request, from the moment it is all received: one still "
+            "unanswered then gets DEADLINE_EXCEEDED (504, JSON error) and one whose deadline passed "
+            "while it waited is dropped before it runs (TF Serving's flag); 0: no deadline.",
+            _non_negative)
+    max_waiting_requests: int = setting(0,
+            "Requests that may wait in one worker for a request thread; past it a request gets "
+            "503 with `Retry-After` at once. 0 derives it: what the worker serves within one "
+            "deadline at the rate it measures (requests that would wait longer could only time "
+            "out), never fewer than its threads.", _non_negative)
+    workers: int = setting(0,
+            "gunicorn worker processes when `-w` is not given; 0 means one per core.",
+            _non_negative)
+    max_request_bytes: int = setting(64 * 1024 * 1024,
+            "Largest accepted request body; larger bodies get 413 with a JSON error.", _positive)
+    cache_enabled: bool = setting(True,
+            "Cache predictions (memcached when `memcached` is set, else an LRU in each worker).")
+    cache_ttl_seconds: int = setting(3600,
+            "How long a cached prediction lives; 0 keeps it until evicted.", _non_negative)
+    cache_model_ttl: str = setting("",
+            "Per-model overrides of the TTL, `model=seconds` or `model=off`, comma-separated.")
+    cache_key_prefix: str = setting("tfwsgi:",
+            "Prefix of every cache key, to keep deployments sharing a memcached apart.")
+    cache_local_max_bytes: int = setting(64 * 1024 * 1024,
+            "Size of each worker's in-process LRU (used when no memcached is set).", _positive)
+    cache_lease_ms: int = setting(1000,
+            "With memcached: on a miss, one request anywhere computes while identical ones wait "
+            "up to this long for its answer (a memcached `add` lease); 0 turns it off.",
+            _non_negative)
+    memcached: str = setting("",
+            "Memcached servers shared by all workers and hosts, `host:port[,host:port…]` "
+            "(keys spread by rendezvous hashing).")
+    memcached_connect_timeout_ms: int = setting(100,
+            "Connect timeout for memcached; past it the request is served as a miss.", _positive)
+    memcached_timeout_ms: int = setting(100,
+            "Read/write timeout for memcached; past it the request is served as a miss.", _positive)
+    memcached_retry_attempts: int = setting(2,
+            "Failures before a memcached server is set aside (its keys go to the others).", _positive)
+    memcached_retry_timeout_seconds: int = setting(1,
+            "After a failure, how long a server is treated as a miss before it is tried again.",
+            _non_negative)
+    memcached_dead_timeout_seconds: int = setting(5,
+            "How long a server set aside stays out before it is tried again.", _non_negative)
+    memcached_max_item_bytes: int = setting(1024 * 1024,
+            "memcached's item size limit (`-I`); larger predictions are served but not cached.",
+            _positive)
+    monitoring_config_file: str = setting("",
+            "TF Serving's monitoring config (`prometheus_config { enable: true path: \"/monitoring/"
+            "prometheus/metrics\" }`): where Prometheus metrics are served, besides `/metrics`, or "
+            "`enable: false` for none. Empty: both paths on (TF Serving turns them off by default).")
+    log_format: str = setting("text",
+            "gunicorn's access and error logs, and tfwsgi's: `text` (gunicorn's formats) or `json` "
+            "(one JSON object a line). Read at start; a SIGHUP does not change it.",
+            _one_of("text", "json"))
+    prometheus_multiproc_dir: str = setting("",
+            "Directory for the workers' metric files, wiped at start; empty: a fresh temporary "
+            "directory (or `PROMETHEUS_MULTIPROC_DIR` if set).")
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with ``changes`` applied; an unknown name or a value of the wrong type is a
+        ConfigError (``dataclasses.replace`` does the same, checked by mypy instead)."""
+        for name, value in changes.items():
+            s = _BY_NAME.get(name)
+            if s is None:
+                raise ConfigError(f"unknown setting {name!r}")
+            if type(value) is not s.type:
+                raise ConfigError(f"setting {name!r} is {s.type.__name__}, got {value!r}")
+        return dataclasses.replace(self, **changes)
+
+
 @dataclass(frozen=True)
 class Setting:
-    """One setting: its TF Serving flag name, type, default, optional validator and doc."""
+    """One setting as declared on ``Settings``: its TF Serving flag name, type, default, doc and
+    optional validator (what the environment parser and the README table read)."""
 
     name: str
     type: type
@@ -73,155 +218,21 @@ class Setting:
         return value
 
 
-SETTINGS: tuple[Setting, ...] = (
-    Setting("env_file", str, "",
-            "A file of `TFWSGI_*=value` lines applied at start and again on every SIGHUP, so a "
-            "reload picks up changed settings (the environment of a running master cannot change)."),
-    Setting("model_name", str, "default",
-            "Name of the model served from `model_base_path` (ignored with `model_config_file`)."),
-    Setting("model_base_path", str, "",
-            "Directory holding the model's numeric version subdirectories "
-            "(`<base>/<version>/saved_model.pb`)."),
-    Setting("model_config_file", str, "",
-            "TF Serving `ModelServerConfig` text proto (`model_config_list { config { … } }`); "
-            "overrides `model_name`/`model_base_path`."),
-    Setting("tensorflow_intra_op_parallelism", int, 0,
-            "Threads one op may use in each worker. 0 fits it to the machine: "
-            "cores ÷ workers, at least 1 (TF's own 0 would give every worker every core).",
-            _non_negative),
-    Setting("tensorflow_inter_op_parallelism", int, 0,
-            "Ops run in parallel in each worker. 0 fits it to the machine: 1.", _non_negative),
-    Setting("cpu_affinity", bool, True,
-            "Pin each worker to its share of the cores this server may use (split evenly over "
-            "the workers, as the TF threads are; with more workers than cores, one core each, "
-            "balanced): its threads stay on one core, where the GIL changes hands cheaply. "
-            "Turn it off when other busy processes share the cores."),
-    Setting("file_system_poll_wait_seconds", int, 1,
-            "How often each worker looks for new, removed or changed versions under the base "
-            "paths; 0 looks once, at start.", _non_negative),
-    Setting("model_config_file_poll_wait_seconds", int, 0,
-            "How often each worker re-reads `model_config_file` (models added or removed, "
-            "policies, labels); 0 reads it once.", _non_negative),
-    Setting("max_num_load_retries", int, 5,
-            "Retries of a version that failed to load (it is reported, never served).",
-            _non_negative),
-    Setting("load_retry_interval_micros", int, 60_000_000,
-            "Time between those retries, in microseconds.", _non_negative),
-    Setting("enable_model_warmup", bool, True,
-            "Replay `assets.extra/tf_serving_warmup_requests` before a version is AVAILABLE."),
-    Setting("num_request_iterations_for_warmup", int, 1,
-            "How many times each warmup record is replayed.", _positive),
-    Setting("enable_batching", bool, False,
-            "Merge concurrent requests on the same signature into one run (TF Serving's "
-            "`--enable_batching`; each worker's request threads are the concurrent requests)."),
-    Setting("batching_parameters_file", str, "",
-            "TF Serving's batching parameters text file (`max_batch_size { value: 32 }`, "
-            "`batch_timeout_micros`, `max_enqueued_batches`, `num_batch_threads`, "
-            "`allowed_batch_sizes`); empty: TF Serving's defaults."),
-    Setting("preload_tensorflow", bool, True,
-            "Import (never run) TensorFlow in gunicorn's master before it forks, so every worker "
-            "shares its code pages instead of loading its own copy."),
-    Setting("memory_allocator", str, "jemalloc",
-            "`jemalloc`: gunicorn's master starts itself again with jemalloc preloaded (when "
-            "libjemalloc.so.2 is installed) and TensorFlow allocates through it, so the memory of "
-            "an unloaded model version goes back to the system; `system`: glibc's malloc, and "
-            "TensorFlow keeps the large blocks it once used. Read at start.",
-            _one_of("jemalloc", "system")),
-    Setting("rest_api_port", int, 8501,
-            "Port of the REST API when gunicorn's `-b/--bind` is not given "
-            "(binds 0.0.0.0).", _port),
-    Setting("rest_api_enable_cors_support", bool, False,
-            "Answer CORS preflight requests and add `Access-Control-Allow-Origin: *`."),
-    Setting("rest_api_timeout_in_ms", int, 30_000,
-            "Deadline of each REST request, from the moment it is all received: one still "
-            "unanswered then gets DEADLINE_EXCEEDED (504, JSON error) and one whose deadline passed "
-            "while it waited is dropped before it runs (TF Serving's flag); 0: no deadline.",
-            _non_negative),
-    Setting("max_waiting_requests", int, 0,
-            "Requests that may wait in one worker for a request thread; past it a request gets "
-            "503 with `Retry-After` at once. 0 derives it: what the worker serves within one "
-            "deadline at the rate it measures (requests that would wait longer could only time "
-            "out), never fewer than its threads.", _non_negative),
-    Setting("workers", int, 0,
-            "gunicorn worker processes when `-w` is not given; 0 means one per core.",
-            _non_negative),
-    Setting("max_request_bytes", int, 64 * 1024 * 1024,
-            "Largest accepted request body; larger bodies get 413 with a JSON error.", _positive),
-    Setting("cache_enabled", bool, True,
-            "Cache predictions (memcached when `memcached` is set, else an LRU in each worker)."),
-    Setting("cache_ttl_seconds", int, 3600,
-            "How long a cached prediction lives; 0 keeps it until evicted.", _non_negative),
-    Setting("cache_model_ttl", str, "",
-            "Per-model overrides of the TTL, `model=seconds` or `model=off`, comma-separated."),
-    Setting("cache_key_prefix", str, "tfwsgi:",
-            "Prefix of every cache key, to keep deployments sharing a memcached apart."),
-    Setting("cache_local_max_bytes", int, 64 * 1024 * 1024,
-            "Size of each worker's in-process LRU (used when no memcached is set).", _positive),
-    Setting("cache_lease_ms", int, 1000,
-            "With memcached: on a miss, one request anywhere computes while identical ones wait "
-            "up to this long for its answer (a memcached `add` lease); 0 turns it off.",
-            _non_negative),
-    Setting("memcached", str, "",
-            "Memcached servers shared by all workers and hosts, `host:port[,host:port…]` "
-            "(keys spread by rendezvous hashing)."),
-    Setting("memcached_connect_timeout_ms", int, 100,
-            "Connect timeout for memcached; past it the request is served as a miss.", _positive),
-    Setting("memcached_timeout_ms", int, 100,
-            "Read/write timeout for memcached; past it the request is served as a miss.", _positive),
-    Setting("memcached_retry_attempts", int, 2,
-            "Failures before a memcached server is set aside (its keys go to the others).", _positive),
-    Setting("memcached_retry_timeout_seconds", int, 1,
-            "After a failure, how long a server is treated as a miss before it is tried again.",
-            _non_negative),
-    Setting("memcached_dead_timeout_seconds", int, 5,
-            "How long a server set aside stays out before it is tried again.", _non_negative),
-    Setting("memcached_max_item_bytes", int, 1024 * 1024,
-            "memcached's item size limit (`-I`); larger predictions are served but not cached.",
-            _positive),
-    Setting("monitoring_config_file", str, "",
-            "TF Serving's monitoring config (`prometheus_config { enable: true path: \"/monitoring/"
-            "prometheus/metrics\" }`): where Prometheus metrics are served, besides `/metrics`, or "
-            "`enable: false` for none. Empty: both paths on (TF Serving turns them off by default)."),
-    Setting("log_format", str, "text",
-            "gunicorn's access and error logs, and tfwsgi's: `text` (gunicorn's formats) or `json` "
-            "(one JSON object a line). Read at start; a SIGHUP does not change it.",
-            _one_of("text", "json")),
-    Setting("prometheus_multiproc_dir", str, "",
-            "Directory for the workers' metric files, wiped at start; empty: a fresh temporary "
-            "directory (or `PROMETHEUS_MULTIPROC_DIR` if set)."),
-)
+def _declarations() -> tuple[Setting, ...]:
+    types = typing.get_type_hints(Settings)
+    return tuple(Setting(f.name, types[f.name], f.default, f.metadata["doc"], f.metadata["validate"])
+                 for f in dataclasses.fields(Settings))
 
+
+SETTINGS: tuple[Setting, ...] = _declarations()
 _BY_NAME = {s.name: s for s in SETTINGS}
-
-
-class Settings:
-    """The values in force, one attribute per setting."""
-
-    def __init__(self, values: Mapping[str, Any]) -> None:
-        for s in SETTINGS:
-            setattr(self, s.name, values.get(s.name, s.default))
-
-    def __getattr__(self, name: str) -> Any:  # only reached for unknown names
-        raise AttributeError(f"no setting named {name!r}")
-
-    def __repr__(self) -> str:
-        body = ", ".join(f"{s.name}={getattr(self, s.name)!r}" for s in SETTINGS)
-        return f"Settings({body})"
-
-    def replace(self, **changes: Any) -> Settings:
-        values = {s.name: getattr(self, s.name) for s in SETTINGS}
-        for name in changes:
-            if name not in _BY_NAME:
-                raise ConfigError(f"unknown setting {name!r}")
-        values.update(changes)
-        return Settings(values)
 
 
 def from_env(environ: Mapping[str, str] | None = None) -> Settings:
     """Read every setting from ``TFWSGI_*`` variables, falling back to the defaults."""
     env = os.environ if environ is None else environ
     values = {s.name: s.parse(env[s.env]) for s in SETTINGS if s.env in env}
-    return Settings(values)
+    return Settings(**values)
 
 
 def read_env_file(path: str) -> dict[str, str]:

@@ -794,7 +794,10 @@ class EventWorker(base.Worker):
         self._rearm(conn, now)
 
     def _handle(self, conn: Conn, job: Job) -> bool:
-        """Parse and answer one request with gunicorn's parser; True if the connection stays."""
+        """Parse and answer one request with gunicorn's parser; True if the connection stays.
+        Its error handling is adapted from gunicorn 27.0 ``workers/gthread.py``
+        ``ThreadWorker.handle`` (no TLS here, so no ``ssl.SSLError`` branch; a response the loop
+        already answered at its deadline is not answered again by ``handle_error``)."""
         channel = Channel(conn, job.deadline)
         parser = http.get_parser(self.cfg, channel, conn.addr)
         parser.req_count = conn.served
@@ -828,8 +831,14 @@ class EventWorker(base.Worker):
 
     def handle_request(self, conn: Conn, channel: Channel, req: Any, job: Job, last: bool) -> bool:
         """One request (as gunicorn's own workers do); True if the connection stays open.
-        Adapted from gunicorn 27.0 ``workers/gthread.py`` ``ThreadWorker.handle_request``: the
-        response is written only if the loop has not answered the request's deadline first."""
+        Adapted from gunicorn 27.0 (27.0.1) ``workers/gthread.py`` ``ThreadWorker.handle_request``
+        (setup.cfg pins gunicorn to 27.x). Where it differs: the response is written only if the
+        loop has not answered the request's deadline first; it reads and writes through a
+        ``Channel``, not the socket, and puts ``tfwsgi.deadline`` in the environ; the keep-alive
+        cap is ``MAX_KEEPALIVE_REQUESTS`` per connection (``last``), not gthread's
+        ``max_keepalived`` connections; after an error once headers are sent, upstream calls
+        ``util.close_graceful(conn.sock)`` before ``StopIteration`` while here the loop closes
+        the connection (``_finish``)."""
         environ: dict[str, Any] = {}
         resp = None
         try:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import typing
+
 import pytest
 
 from conftest import ROOT
@@ -81,3 +84,27 @@ def test_env_file(tmp_path):
     f.write_text("no equals sign\n")
     with pytest.raises(ConfigError, match=":1: expected KEY=value"):
         settings.read_env_file(str(f))
+
+
+def test_settings_are_frozen_and_typed():
+    s = settings.from_env({"TFWSGI_WORKERS": "3"})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.workers = 4
+    with pytest.raises(AttributeError, match="max_request_bytez"):
+        s.max_request_bytez  # noqa: B018
+    types = typing.get_type_hints(settings.Settings)
+    assert [(x.name, x.type) for x in settings.SETTINGS] == list(types.items())
+    assert repr(s).startswith("Settings(env_file='', model_name='default', ")
+
+
+def test_replace():
+    s = settings.from_env({})
+    t = s.replace(workers=3, memcached="m:11211")
+    assert (t.workers, t.memcached, s.workers) == (3, "m:11211", 0)
+    assert t == settings.from_env({"TFWSGI_WORKERS": "3", "TFWSGI_MEMCACHED": "m:11211"})
+    with pytest.raises(ConfigError, match="unknown setting 'max_request_bytez'"):
+        s.replace(max_request_bytez=1)
+    with pytest.raises(ConfigError, match="setting 'workers' is int, got '3'"):
+        s.replace(workers="3")
+    with pytest.raises(ConfigError, match="setting 'workers' is int, got True"):
+        s.replace(workers=True)

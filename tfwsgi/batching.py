@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from . import textformat
 from .errors import ConfigError, DeadlineExceeded, InvalidArgument, TFWSGIError, Unavailable
 
 Tensors = dict[str, np.ndarray]
@@ -54,47 +55,9 @@ class BatchingParameters:
         return self
 
 
-def _message_class() -> Any:
-    """BatchingParameters as a protobuf message (TF Serving's fields and wrapper types), so the
-    file is read by protobuf's own text-format parser. tensorflow-serving-api does not ship it."""
-    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, wrappers_pb2
-
-    pool = descriptor_pool.DescriptorPool()
-    pool.AddSerializedFile(wrappers_pb2.DESCRIPTOR.serialized_pb)
-    f = descriptor_pb2.FileDescriptorProto(name="tfwsgi_batching.proto", package="tensorflow.serving",
-                                           dependency=["google/protobuf/wrappers.proto"])
-    m = f.message_type.add(name="BatchingParameters")
-    fields = [("max_batch_size", 1, ".google.protobuf.Int64Value"),
-              ("batch_timeout_micros", 2, ".google.protobuf.Int64Value"),
-              ("max_enqueued_batches", 3, ".google.protobuf.Int64Value"),
-              ("num_batch_threads", 4, ".google.protobuf.Int64Value"),
-              ("thread_pool_name", 5, ".google.protobuf.StringValue"),
-              ("allowed_batch_sizes", 6, None),
-              ("pad_variable_length_inputs", 7, None),
-              ("enable_large_batch_splitting", 8, ".google.protobuf.BoolValue")]
-    T = descriptor_pb2.FieldDescriptorProto
-    for name, number, type_name in fields:
-        fd = m.field.add(name=name, number=number)
-        if type_name:
-            fd.type, fd.type_name, fd.label = T.TYPE_MESSAGE, type_name, T.LABEL_OPTIONAL
-        elif name == "allowed_batch_sizes":
-            fd.type, fd.label = T.TYPE_INT64, T.LABEL_REPEATED
-        else:
-            fd.type, fd.label = T.TYPE_BOOL, T.LABEL_OPTIONAL
-    pool.Add(f)
-    descriptor = pool.FindMessageTypeByName("tensorflow.serving.BatchingParameters")
-    return message_factory.GetMessageClass(descriptor)
-
-
 def parse_batching_parameters(text: str, origin: str = "<batching>") -> BatchingParameters:
     """Read TF Serving's batching parameters text format (``max_batch_size { value: 32 }`` …)."""
-    from google.protobuf import text_format
-
-    msg = _message_class()()
-    try:
-        text_format.Parse(text, msg)
-    except text_format.ParseError as exc:
-        raise ConfigError(f"{origin}: {exc}") from None
+    msg = textformat.parse(textformat.batching_parameters(), text, origin)
     if msg.HasField("enable_large_batch_splitting") and msg.enable_large_batch_splitting.value:
         raise ConfigError(f"{origin}: enable_large_batch_splitting is not supported yet")
     defaults = BatchingParameters()

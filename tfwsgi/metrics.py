@@ -30,6 +30,7 @@ from prometheus_client import (
 from prometheus_client import multiprocess as _multiprocess
 from prometheus_client.mmap_dict import MmapedDict
 
+from . import textformat
 from .errors import CODE_NAMES, ConfigError, TFWSGIError
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -218,37 +219,18 @@ def start_flushing(interval: float = 1.0) -> None:
 TF_SERVING_PATH = "/monitoring/prometheus/metrics"  # TF Serving's default prometheus_config.path
 
 
-def _monitoring_config_class() -> Any:
-    """TF Serving's MonitoringConfig (config/monitoring_config.proto) as a protobuf message, so the
-    file is read by protobuf's own text-format parser. tensorflow-serving-api does not ship it."""
-    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
-
-    T = descriptor_pb2.FieldDescriptorProto
-    f = descriptor_pb2.FileDescriptorProto(name="tfwsgi_monitoring.proto", package="tensorflow.serving")
-    prometheus = f.message_type.add(name="PrometheusConfig")
-    prometheus.field.add(name="enable", number=1, type=T.TYPE_BOOL, label=T.LABEL_OPTIONAL)
-    prometheus.field.add(name="path", number=2, type=T.TYPE_STRING, label=T.LABEL_OPTIONAL)
-    config = f.message_type.add(name="MonitoringConfig")
-    config.field.add(name="prometheus_config", number=1, type=T.TYPE_MESSAGE, label=T.LABEL_OPTIONAL,
-                     type_name=".tensorflow.serving.PrometheusConfig")
-    pool = descriptor_pool.DescriptorPool()
-    pool.Add(f)
-    return message_factory.GetMessageClass(pool.FindMessageTypeByName("tensorflow.serving.MonitoringConfig"))
-
-
 def prometheus_paths(monitoring_config_file: str) -> list[str]:
     """Where metrics are served: TF Serving's path and /metrics; with a monitoring config file,
     as its ``prometheus_config { enable path }`` says (TF Serving's ``--monitoring_config_file``)."""
     if not monitoring_config_file:
         return [TF_SERVING_PATH, "/metrics"]
-    from google.protobuf import text_format
-
-    msg = _monitoring_config_class()()
+    origin = f"TFWSGI_MONITORING_CONFIG_FILE: {monitoring_config_file}"
     try:
         with open(monitoring_config_file, encoding="utf-8") as f:
-            text_format.Parse(f.read(), msg)
-    except (OSError, text_format.ParseError) as exc:
-        raise ConfigError(f"TFWSGI_MONITORING_CONFIG_FILE: {monitoring_config_file}: {exc}") from None
+            text = f.read()
+    except OSError as exc:
+        raise ConfigError(f"{origin}: {exc}") from None
+    msg = textformat.parse(textformat.monitoring_config(), text, origin)
     if not msg.prometheus_config.enable:
         return []
     path = msg.prometheus_config.path or TF_SERVING_PATH

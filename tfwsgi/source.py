@@ -6,6 +6,7 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from . import textformat
 from .errors import ConfigError
 from .settings import Settings
 
@@ -76,14 +77,7 @@ def _policy_from_proto(name: str, proto: object) -> VersionPolicy:
 
 def parse_model_config(text: str, origin: str = "<config>") -> list[ModelConfig]:
     """Parse TF Serving's ``ModelServerConfig`` text format with its own protobuf messages."""
-    from google.protobuf import text_format
-    from tensorflow_serving.config import model_server_config_pb2
-
-    msg = model_server_config_pb2.ModelServerConfig()
-    try:
-        text_format.Parse(text, msg)
-    except text_format.ParseError as exc:
-        raise ConfigError(f"{origin}: {exc}") from None
+    msg = textformat.parse(textformat.model_server_config(), text, origin)
     if msg.WhichOneof("config") == "custom_model_config":
         raise ConfigError(f"{origin}: custom_model_config is not supported")
     models: list[ModelConfig] = []

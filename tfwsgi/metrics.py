@@ -32,6 +32,7 @@ from prometheus_client.mmap_dict import MmapedDict
 
 from . import textformat
 from .errors import CODE_NAMES, ConfigError, TFWSGIError
+from .manager import Listener
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 T = TypeVar("T")
@@ -306,13 +307,13 @@ def mark_process_dead(pid: int) -> None:
         compact_dead_process(pid, path)
 
 
-class ModelObserver:
-    """What the model manager reports: version state changes and load times."""
+class ModelObserver(Listener):
+    """Listens to the model manager: version state changes and load times."""
 
     def state(self, name: str, version: int, old: str | None, new: str) -> None:
         if old is not None:
             MODEL_VERSION_STATE.labels(name, str(version), old).dec()
         MODEL_VERSION_STATE.labels(name, str(version), new).inc()
 
-    def loaded(self, name: str, seconds: float, ok: bool) -> None:
+    def load_finished(self, name: str, seconds: float, ok: bool) -> None:
         MODEL_LOAD_SECONDS.labels(name, "ok" if ok else "error").observe(seconds)

@@ -157,7 +157,7 @@ def run(args: argparse.Namespace, work: Path, memcached: str) -> None:
     for v in range(2, args.swaps + 2):
         shutil.copytree(src / str(v), base / str(v))
         started = time.monotonic()
-        watcher = threading.Thread(target=mgr.reconcile)  # the watcher's own thread, as in a worker
+        watcher = threading.Thread(target=mgr.source.propose)  # the watcher's own thread, as in a worker
         watcher.start()
         watcher.join()
         report(f"swapped to {v} in {time.monotonic() - started:.2f}s")

@@ -14,12 +14,19 @@ imported (TensorFlow included) at that point.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
+import gc
 import logging
 import os
 import sys
+import threading
+import weakref
 from collections.abc import Mapping
+from typing import Any
+
+from .manager import Listener
 
 log = logging.getLogger("tfwsgi")
 
@@ -87,6 +94,66 @@ def release_free_memory() -> None:
     trim = getattr(process, "malloc_trim", None)
     if trim is not None:  # glibc
         trim(0)
+
+
+class MemoryRelease(Listener):
+    """Frees an unloaded version's memory as the manager announces the unload: a full collection
+    (a loaded SavedModel is a web of reference cycles — graphs, functions, variables — that only
+    it frees), then ``release_free_memory``. A version still held by a request in flight is
+    collected again ``first_retry`` seconds later, then 2, 4 … times that up to ``last_retry``
+    (1 … 64 s), in a thread of its own that ends when nothing unloaded is left alive, and after
+    that left to Python's own collections."""
+
+    def __init__(self, first_retry: float = 1.0, last_retry: float = 64.0) -> None:
+        self._first, self._last = first_retry, last_retry
+        self._serving: dict[tuple[str, int], weakref.ref[Any]] = {}
+        self._unloaded: list[weakref.ref[Any]] = []  # unloaded, not yet freed
+        self._lock = threading.Lock()
+        self._again = threading.Event()  # a new unload: the retries start over
+        self._retrier: threading.Thread | None = None
+
+    def loaded(self, name: str, version: int, servable: Any) -> None:
+        with contextlib.suppress(TypeError):  # no weak reference: collected at its unload only
+            self._serving[(name, version)] = weakref.ref(servable)
+
+    def unloaded(self, name: str, version: int) -> None:
+        ref = self._serving.pop((name, version), None)
+        with self._lock:
+            if ref is not None:
+                self._unloaded.append(ref)
+        if self._collect():
+            with self._lock:
+                if self._retrier is None:
+                    self._retrier = threading.Thread(target=self._retry, name="tfwsgi-memory-release",
+                                                     daemon=True)
+                    self._retrier.start()
+                else:
+                    self._again.set()
+
+    def _collect(self) -> bool:
+        """Collect and hand memory back; whether an unloaded version is still alive."""
+        gc.collect()
+        release_free_memory()
+        with self._lock:
+            self._unloaded = [ref for ref in self._unloaded if ref() is not None]
+            return bool(self._unloaded)
+
+    def _retry(self) -> None:
+        wait = self._first
+        while True:
+            if self._again.wait(wait):
+                self._again.clear()
+                wait = self._first
+                continue
+            alive = self._collect()
+            wait *= 2
+            with self._lock:
+                if self._again.is_set():
+                    continue
+                if not alive or wait > self._last:
+                    self._unloaded.clear()
+                    self._retrier = None
+                    return
 
 
 def active() -> str:

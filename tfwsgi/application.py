@@ -60,7 +60,10 @@ def create_app(manager: ModelManager | None = None, settings: Settings | None = 
     app.session_interface = _NoSessions()
     app.url_map.merge_slashes = False
     cache = PredictionCache(settings)
-    app.extensions["tfwsgi"] = WorkerState(settings, DataPlane(manager, cache, _batcher(settings)))
+    batcher = _batcher(settings)
+    if batcher is not None:
+        manager.add_listener(batcher)  # it forgets a version once it is unloaded
+    app.extensions["tfwsgi"] = WorkerState(settings, DataPlane(manager, cache, batcher))
 
     app.add_url_rule("/v2/health/live", "live", _live)
     app.add_url_rule("/v2/health/ready", "ready", _ready)

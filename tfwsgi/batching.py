@@ -13,15 +13,18 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError, DeadlineExceeded, InvalidArgument, TFWSGIError, Unavailable
+from . import textformat
+from .errors import ConfigError, DeadlineExceeded, InvalidArgument, Unavailable
+from .manager import Listener
 
 Tensors = dict[str, np.ndarray]
+Run = Callable[[Mapping[str, np.ndarray]], Tensors]
 
 DEADLINE_MESSAGE = "Deadline exceeded: the request was not answered within rest_api_timeout_in_ms"
 
@@ -54,47 +57,9 @@ class BatchingParameters:
         return self
 
 
-def _message_class() -> Any:
-    """BatchingParameters as a protobuf message (TF Serving's fields and wrapper types), so the
-    file is read by protobuf's own text-format parser. tensorflow-serving-api does not ship it."""
-    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, wrappers_pb2
-
-    pool = descriptor_pool.DescriptorPool()
-    pool.AddSerializedFile(wrappers_pb2.DESCRIPTOR.serialized_pb)
-    f = descriptor_pb2.FileDescriptorProto(name="tfwsgi_batching.proto", package="tensorflow.serving",
-                                           dependency=["google/protobuf/wrappers.proto"])
-    m = f.message_type.add(name="BatchingParameters")
-    fields = [("max_batch_size", 1, ".google.protobuf.Int64Value"),
-              ("batch_timeout_micros", 2, ".google.protobuf.Int64Value"),
-              ("max_enqueued_batches", 3, ".google.protobuf.Int64Value"),
-              ("num_batch_threads", 4, ".google.protobuf.Int64Value"),
-              ("thread_pool_name", 5, ".google.protobuf.StringValue"),
-              ("allowed_batch_sizes", 6, None),
-              ("pad_variable_length_inputs", 7, None),
-              ("enable_large_batch_splitting", 8, ".google.protobuf.BoolValue")]
-    T = descriptor_pb2.FieldDescriptorProto
-    for name, number, type_name in fields:
-        fd = m.field.add(name=name, number=number)
-        if type_name:
-            fd.type, fd.type_name, fd.label = T.TYPE_MESSAGE, type_name, T.LABEL_OPTIONAL
-        elif name == "allowed_batch_sizes":
-            fd.type, fd.label = T.TYPE_INT64, T.LABEL_REPEATED
-        else:
-            fd.type, fd.label = T.TYPE_BOOL, T.LABEL_OPTIONAL
-    pool.Add(f)
-    descriptor = pool.FindMessageTypeByName("tensorflow.serving.BatchingParameters")
-    return message_factory.GetMessageClass(descriptor)
-
-
 def parse_batching_parameters(text: str, origin: str = "<batching>") -> BatchingParameters:
     """Read TF Serving's batching parameters text format (``max_batch_size { value: 32 }`` …)."""
-    from google.protobuf import text_format
-
-    msg = _message_class()()
-    try:
-        text_format.Parse(text, msg)
-    except text_format.ParseError as exc:
-        raise ConfigError(f"{origin}: {exc}") from None
+    msg = textformat.parse(textformat.batching_parameters(), text, origin)
     if msg.HasField("enable_large_batch_splitting") and msg.enable_large_batch_splitting.value:
         raise ConfigError(f"{origin}: enable_large_batch_splitting is not supported yet")
     defaults = BatchingParameters()
@@ -115,6 +80,7 @@ def _held_lock() -> threading.Lock:
 @dataclass
 class _Task:
     inputs: Mapping[str, np.ndarray]
+    run: Run  # the signature: a task, not its queue, holds the servable (and its weights)
     rows: int
     shape_key: tuple
     deadline: float = float("inf")  # time.monotonic(): past it, the task is dropped unrun
@@ -126,23 +92,24 @@ class _Task:
 
 
 class _Queue:
-    """The tasks waiting for one signature, and the function that runs a merged batch."""
+    """The tasks waiting for one signature."""
 
-    def __init__(self, run: Callable[[Mapping[str, np.ndarray]], Tensors]) -> None:
-        self.run = run
+    def __init__(self) -> None:
         self.tasks: deque[_Task] = deque()
         self.rows = 0
+        self.unloaded = False  # its version was unloaded: forgotten once its tasks are taken
 
 
-class Batcher:
-    """One per worker: a queue per signature, ``num_batch_threads`` threads that run batches."""
+class Batcher(Listener):
+    """One per worker: a queue per signature, ``num_batch_threads`` threads that run batches.
+    It listens to the model manager and forgets the queues of a version once it is unloaded."""
 
     def __init__(self, params: BatchingParameters,
                  on_batch: Callable[[int, int], None] | None = None,
                  on_queue: Callable[[int], None] | None = None) -> None:
         self.params = params
         self._on_queue = on_queue  # change in the number of waiting requests (+1, -batch)
-        self._queues: dict[Any, _Queue] = {}
+        self._queues: dict[Hashable, _Queue] = {}
         self._cond = threading.Condition()
         self._on_batch = on_batch  # (rows, padded rows) of each batch run
         self._threads = [threading.Thread(target=self._loop, name=f"tfwsgi-batch-{i}", daemon=True)
@@ -150,11 +117,12 @@ class Batcher:
         for t in self._threads:
             t.start()
 
-    def run(self, key: Any, inputs: Mapping[str, np.ndarray],
-            run: Callable[[Mapping[str, np.ndarray]], Tensors], deadline: float | None = None) -> Tensors:
-        """Run ``inputs`` as part of a batch of concurrent requests on the same ``key``; past
-        ``deadline`` (``time.monotonic()``) the caller gets DeadlineExceeded, and a task still
-        queued then is dropped before it runs."""
+    def run(self, key: Hashable, inputs: Mapping[str, np.ndarray], run: Run,
+            deadline: float | None = None) -> Tensors:
+        """Run ``inputs`` as part of a batch of concurrent requests on the same ``key`` (``(model
+        name, version, signature name)``: ``unloaded`` forgets a version's keys); past ``deadline``
+        (``time.monotonic()``) the caller gets DeadlineExceeded, and a task still queued then is
+        dropped before it runs."""
         rows = {a.shape[0] if a.ndim else -1 for a in inputs.values()}
         if len(rows) != 1 or -1 in rows:
             return run(inputs)  # scalars or ragged batch dimensions: nothing to merge on
@@ -162,13 +130,13 @@ class Batcher:
         if n > self.params.max_batch_size:
             raise InvalidArgument(
                 f"Task size {n} is larger than maximum input batch size {self.params.max_batch_size}")
-        task = _Task(inputs, n, tuple(sorted((k, a.dtype.str, a.shape[1:]) for k, a in inputs.items())),
+        task = _Task(inputs, run, n, tuple(sorted((k, a.dtype.str, a.shape[1:]) for k, a in inputs.items())),
                      float("inf") if deadline is None else deadline)
         limit = self.params.max_enqueued_batches * self.params.max_batch_size
         with self._cond:
             queue = self._queues.get(key)
             if queue is None:
-                queue = self._queues[key] = _Queue(run)
+                queue = self._queues[key] = _Queue()
             if queue.rows + n > limit:
                 raise Unavailable("The batch scheduling queue to which this task was submitted is full")
             queue.tasks.append(task)
@@ -185,16 +153,33 @@ class Batcher:
         assert task.result is not None
         return task.result
 
-    def _take(self) -> tuple[_Queue, list[_Task]]:
+    def unloaded(self, name: str, version: int) -> None:
+        """Forget the queues of an unloaded version (tasks already queued still run)."""
+        with self._cond:
+            for key, queue in list(self._queues.items()):
+                if isinstance(key, tuple) and key[:2] == (name, version):
+                    queue.unloaded = True
+                    if not queue.tasks:
+                        del self._queues[key]
+
+    def _requeue(self, key: Hashable, queue: _Queue) -> None:
+        """After taking from ``queue``: to the back of the line (fairness between signatures), or
+        forgotten if its version was unloaded and nothing is left in it."""
+        if self._queues.get(key) is queue:
+            del self._queues[key]
+            if queue.tasks or not queue.unloaded:
+                self._queues[key] = queue
+
+    def _take(self) -> list[_Task]:
         """Wait for work, then for a full batch or the timeout of its oldest task."""
         timeout = self.params.batch_timeout_micros / 1e6
         with self._cond:
             while True:
-                ready = [q for q in self._queues.values() if q.tasks]
+                ready = [(k, q) for k, q in self._queues.items() if q.tasks]
                 if not ready:
                     self._cond.wait()
                     continue
-                queue = ready[0]
+                key, queue = ready[0]
                 deadline = time.monotonic() + timeout
                 while queue.tasks and queue.rows < self.params.max_batch_size:
                     left = deadline - time.monotonic()
@@ -212,6 +197,7 @@ class Batcher:
                     task.error = DeadlineExceeded(DEADLINE_MESSAGE)
                     task.done.release()
                 if not queue.tasks:
+                    self._requeue(key, queue)
                     continue
                 first = queue.tasks[0]
                 batch, rows = [], 0
@@ -227,24 +213,22 @@ class Batcher:
                 queue.rows -= rows
                 if self._on_queue is not None:
                     self._on_queue(-len(batch))
-                # Fairness between signatures: this queue goes to the back.
-                for k, q in list(self._queues.items()):
-                    if q is queue:
-                        self._queues[k] = self._queues.pop(k)
-                        break
-                return queue, batch
+                self._requeue(key, queue)
+                return batch
 
     def _loop(self) -> None:
-        while True:
-            queue, batch = self._take()
-            try:
-                self._run_batch(queue, batch)
-            except BaseException as exc:  # fan the failure out to every waiter
-                for task in batch:
-                    task.error = exc
-            finally:
-                for task in batch:
-                    task.done.release()
+        while True:  # no batch is held here between batches: a task holds its servable
+            self._serve(self._take())
+
+    def _serve(self, batch: list[_Task]) -> None:
+        try:
+            self._run_batch(batch)
+        except BaseException as exc:  # fan the failure out to every waiter
+            for task in batch:
+                task.error = exc
+        finally:
+            for task in batch:
+                task.done.release()
 
     def _padded(self, rows: int) -> int:
         for size in self.params.allowed_batch_sizes:
@@ -252,9 +236,9 @@ class Batcher:
                 return size
         return rows
 
-    def _run_batch(self, queue: _Queue, batch: list[_Task]) -> None:
+    def _run_batch(self, batch: list[_Task]) -> None:
         if len(batch) == 1 and not self.params.allowed_batch_sizes:
-            batch[0].result = queue.run(batch[0].inputs)
+            batch[0].result = batch[0].run(batch[0].inputs)
             if self._on_batch:
                 self._on_batch(batch[0].rows, batch[0].rows)
             return
@@ -267,12 +251,12 @@ class Batcher:
                 last = parts[-1][-1:]
                 parts.append(np.repeat(last, padded - rows, axis=0))
             merged[name] = np.concatenate(parts, axis=0)
-        outputs = queue.run(merged)
+        outputs = batch[0].run(merged)
         for name, out in outputs.items():
             if out.ndim == 0 or out.shape[0] != padded:
-                raise TFWSGIError(
+                raise InvalidArgument(
                     f"Batched output {name} has shape {list(out.shape)}, expected {padded} rows: "
-                    "this signature cannot be batched", 3)
+                    "this signature cannot be batched")
         if self._on_batch:
             self._on_batch(rows, padded)
         start = 0

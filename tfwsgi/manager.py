@@ -1,9 +1,11 @@
 """The manager: the only place that loads and unloads servables, and where callers find them.
 
-It follows TF Serving's availability-preserving policy in each worker: a new aspired version is
-loaded (and warmed up) before anything that depended on an old one moves; a version leaves only
-when another is available, or when its model is removed from the config; a version that fails to
-load is reported (state END with its error) and retried as TF Serving does, never served.
+Its source (``source.Source``) proposes each model's aspired versions; the manager applies them
+with TF Serving's availability-preserving policy in each worker: a new aspired version is loaded
+(and warmed up) before anything that depended on an old one moves; a version leaves only when
+another is available, or when its model is no longer proposed; a version that fails to load is
+reported (state END with its error) and retried as TF Serving does, never served. It announces
+every change to its listeners (metrics, the batcher, memory release).
 
 Readers (requests) never take a lock: every change publishes a new, immutable snapshot of a
 model's versions and labels, which a request reads once.
@@ -11,21 +13,17 @@ model's versions and labels, which a request reads once.
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import logging
 import os
 import threading
 import time
-import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .allocator import release_free_memory
 from .errors import InvalidArgument, NotFound, TFWSGIError
 from .settings import Settings
-from .source import LATEST, ModelConfig, model_configs, scan_versions
+from .source import AspiredVersions, ModelConfig, Source, model_configs
 
 log = logging.getLogger("tfwsgi")
 
@@ -64,7 +62,7 @@ class Snapshot:
 
 @dataclass
 class ModelEntry:
-    config: ModelConfig
+    aspired: AspiredVersions = field(default_factory=AspiredVersions)
     snapshot: Snapshot = field(default_factory=Snapshot)
 
 
@@ -76,6 +74,24 @@ class RetryPolicy:
     interval_seconds: float = 60.0
 
 
+class Listener:
+    """What the manager announces, in the thread that applies a proposal; override what you need.
+    A listener that raises is logged and passed over: it never stops the manager."""
+
+    def state(self, name: str, version: int, old: str | None, new: str) -> None:
+        """A version moved from state ``old`` (None: it was not known) to ``new``."""
+
+    def load_finished(self, name: str, seconds: float, ok: bool) -> None:
+        """A load (and warmup) of a version of model ``name`` ended, in ``seconds``."""
+
+    def loaded(self, name: str, version: int, servable: Any) -> None:
+        """``servable`` is available: requests may be handed it from now on."""
+
+    def unloaded(self, name: str, version: int) -> None:
+        """A version no longer serves, and the manager holds it no more (announced once the
+        proposal is applied; a request in flight may still hold it)."""
+
+
 def _default_loader(name: str, version: int, path: str) -> Any:
     from .servable import Servable
 
@@ -83,21 +99,33 @@ def _default_loader(name: str, version: int, path: str) -> Any:
 
 
 class ModelManager:
-    """Loads the aspired versions of each configured model, keeps them current, resolves requests."""
+    """Applies the aspired versions its source proposes, resolves requests, announces changes."""
 
     def __init__(self, configs: Sequence[ModelConfig], loader: Loader = _default_loader,
-                 retry: RetryPolicy | None = None, observer: Any = None) -> None:
+                 retry: RetryPolicy | None = None, observer: Listener | None = None,
+                 read_configs: Callable[[], Sequence[ModelConfig]] | None = None) -> None:
         self._loader = loader
-        self._observer = observer  # metrics.ModelObserver: state changes and load times
         self._retry = retry or RetryPolicy()
-        self._write = threading.RLock()  # one writer at a time: load_all, reconcile, set_configs
-        self._models: dict[str, ModelEntry] = {c.name: ModelEntry(c) for c in configs}
+        self._listeners: list[Listener] = []
+        if observer is not None:
+            self.add_listener(observer)
+        self._write = threading.RLock()  # one proposal applied at a time
+        # Configured models are known (not ready) before the first proposal.
+        self._models: dict[str, ModelEntry] = {c.name: ModelEntry() for c in configs}
         self._removed: dict[str, ModelEntry] = {}
-        self._unloaded: list[weakref.ref[Any]] = []  # unloaded servables not yet freed
-        self._collect_in = 0  # passes until the next collection for them (0: none due)
-        self._collect_wait = 0  # passes between that collection and the one before
-        self._stop = threading.Event()
-        self._watcher: threading.Thread | None = None
+        self._unloaded: list[tuple[str, int]] = []  # announced once the proposal is applied
+        self.source = Source(configs, self.set_aspired_versions, read_configs)
+
+    def add_listener(self, listener: Listener) -> None:
+        """Announce every later change to ``listener`` too."""
+        self._listeners.append(listener)
+
+    def _announce(self, hook: str, *args: Any) -> None:
+        for listener in self._listeners:
+            try:
+                getattr(listener, hook)(*args)
+            except Exception:
+                log.exception("tfwsgi: model listener %r failed on %s%r", listener, hook, args)
 
     # ------------------------------------------------------------------ reading (requests)
 
@@ -143,66 +171,45 @@ class ModelManager:
         """For each configured model: does this worker have a version of it available?"""
         return {name: e.snapshot.latest is not None for name, e in self._models.items()}
 
-    # ------------------------------------------------------------------ writing (the watcher)
+    # ------------------------------------------------------------------ writing (the source)
 
     def load_all(self) -> None:
-        """Load every aspired version of every model (called once per worker, after fork)."""
-        self.reconcile(initial=True)
+        """Load every aspired version of every model: the source's first look (once per worker,
+        after fork)."""
+        self.source.propose(initial=True)
 
-    def reconcile(self, initial: bool = False) -> None:
-        """Bring every model in line with its base path and config, availability first."""
-        with self._write:
-            for entry in list(self._models.values()):
-                try:
-                    self._reconcile(entry, initial)
-                except Exception:  # one model's trouble must not stop the others
-                    log.exception("tfwsgi: reconciling model %s failed", entry.config.name)
-            for name, entry in list(self._removed.items()):
-                self._unload_all(name, entry)
-            self._release_unloaded()
-
-    def _release_unloaded(self) -> None:
-        """Free the memory of unloaded versions, at the end of a pass (no frame of the manager
-        holds an old snapshot any more). A loaded SavedModel is a web of reference cycles
-        (graphs, functions, variables) that only a full collection frees, and one run while
-        anything still refers to the version leaves it for some far-off collection. A version
-        still held by a request in flight is collected again a pass later, then 2, 4 … 64 passes
-        later, and then left to Python's own collections."""
-        if self._collect_in == 0:
-            return
-        self._collect_in -= 1
-        if self._collect_in > 0:
-            return
-        gc.collect()
-        release_free_memory()
-        self._unloaded = [ref for ref in self._unloaded if ref() is not None]
-        self._collect_wait = max(1, self._collect_wait * 2)
-        if self._unloaded and self._collect_wait <= 64:
-            self._collect_in = self._collect_wait
-        else:
-            self._unloaded, self._collect_wait = [], 0
-
-    def set_configs(self, configs: Sequence[ModelConfig]) -> None:
-        """A new model config: added models load on the next reconcile, removed ones unload."""
+    def set_aspired_versions(self, proposal: Mapping[str, AspiredVersions]) -> None:
+        """Apply the source's proposal (every model's aspired versions; a model left out is
+        removed), availability first; then announce the versions that left."""
         with self._write:
             models = dict(self._models)
-            wanted = {c.name: c for c in configs}
             for name in list(models):
-                if name not in wanted:
+                if name not in proposal:
                     self._removed[name] = models.pop(name)
-            for name, cfg in wanted.items():
+            for name, aspired in proposal.items():
                 if name in models:
-                    models[name] = ModelEntry(cfg, models[name].snapshot)
+                    models[name] = ModelEntry(aspired, models[name].snapshot)
                 else:
                     self._removed.pop(name, None)
-                    models[name] = ModelEntry(cfg)
+                    models[name] = ModelEntry(aspired)
             self._models = models  # published whole: readers see the old or the new dict
+            for name, entry in models.items():
+                try:
+                    self._apply(name, entry)
+                except Exception:  # one model's trouble must not stop the others
+                    log.exception("tfwsgi: applying the aspired versions of model %s failed", name)
+            for name, entry in list(self._removed.items()):
+                self._unload_all(name, entry)
+            # Announced after the pass, when no frame of the manager holds an old snapshot.
+            unloaded, self._unloaded = self._unloaded, []
+            for name, version in unloaded:
+                self._announce("unloaded", name, version)
 
     def _publish(self, entry: ModelEntry, versions: Mapping[int, VersionState]) -> None:
         available = [v for v, s in versions.items() if s.state == AVAILABLE]
         latest = max(available) if available else None
         labels: dict[str, int] = {}
-        for label, target in entry.config.labels.items():
+        for label, target in entry.aspired.labels.items():
             state = versions.get(target)
             if state is not None and state.state == AVAILABLE:
                 labels[label] = target
@@ -213,146 +220,96 @@ class ModelManager:
                     labels[label] = old
         entry.snapshot = Snapshot(dict(versions), latest, labels)
 
-    def _set(self, entry: ModelEntry, state: VersionState) -> None:
+    def _set(self, name: str, entry: ModelEntry, state: VersionState) -> None:
         versions = dict(entry.snapshot.versions)
         old = versions.get(state.version)
         versions[state.version] = state
         self._publish(entry, versions)
-        if self._observer is not None and (old is None or old.state != state.state):
-            self._observer.state(entry.config.name, state.version, old and old.state, state.state)
+        if old is None or old.state != state.state:
+            self._announce("state", name, state.version, old and old.state, state.state)
 
-    def _reconcile(self, entry: ModelEntry, initial: bool) -> None:
-        cfg = entry.config
-        on_disk = scan_versions(cfg.base_path)
-        aspired = cfg.policy.aspired(on_disk)
-        if not aspired and initial:
-            log.warning("tfwsgi: no versions of model %s found under base path %s",
-                        cfg.name, cfg.base_path)
+    def _apply(self, name: str, entry: ModelEntry) -> None:
+        aspired = entry.aspired
         now = time.monotonic()
-        for version in aspired:  # newest first
+        for version, path in aspired.versions.items():  # newest first
             state = entry.snapshot.versions.get(version)
             if state is None or (state.state == END and not state.error_code):
-                self._load(entry, version, on_disk[version], attempts=0)
+                self._load(name, entry, version, path, attempts=0)
             elif (state.state == END and state.error_code
                   and state.attempts <= self._retry.max_retries
                   and now - state.last_attempt >= self._retry.interval_seconds):
-                self._load(entry, version, on_disk[version], attempts=state.attempts)
+                self._load(name, entry, version, path, attempts=state.attempts)
         versions = entry.snapshot.versions
-        if (aspired and cfg.policy.kind == LATEST
-                and not any(s.state == AVAILABLE for s in versions.values())):
+        if not any(s.state == AVAILABLE for s in versions.values()):
             # Nothing to serve: every aspired version failed in this (perhaps fresh) worker. Load
-            # the newest older version that works, as the workers that had it keep serving it
-            # (only under "latest": a pinned policy names exactly what may serve).
-            for version in sorted(on_disk, reverse=True):
-                if version in aspired or version > aspired[0]:
-                    continue
+            # the newest older version that works, as the workers that had it keep serving it.
+            for version, path in aspired.fallback.items():  # newest first
                 state = versions.get(version)
                 if state is None or (state.state == END and not state.error_code):
                     log.warning("tfwsgi: model %s: no aspired version loads, falling back to %d",
-                                cfg.name, version)
-                    self._load(entry, version, on_disk[version], attempts=0)
+                                name, version)
+                    self._load(name, entry, version, path, attempts=0)
                     if entry.snapshot.versions[version].state == AVAILABLE:
                         break
         # Unload what is no longer aspired, but never the last available version of a model.
         versions = entry.snapshot.versions
-        aspired_set = set(aspired)
-        aspired_available = [v for v in aspired if versions.get(v) and versions[v].state == AVAILABLE]
-        leaving = sorted((v for v, s in versions.items() if s.state == AVAILABLE and v not in aspired_set),
-                         reverse=True)
+        aspired_available = [v for v in aspired.versions
+                             if versions.get(v) and versions[v].state == AVAILABLE]
+        leaving = sorted((v for v, s in versions.items()
+                          if s.state == AVAILABLE and v not in aspired.versions), reverse=True)
         if not aspired_available and leaving:
             leaving = leaving[1:]  # keep the newest one serving until an aspired version is up
         for version in leaving:
-            self._unload(entry, version)
+            self._unload(name, entry, version)
         # Labels whose target became available since the last pass move now.
         versions = entry.snapshot.versions  # not the one from before the unloads
-        if dict(entry.snapshot.labels) != {k: v for k, v in cfg.labels.items()
+        if dict(entry.snapshot.labels) != {k: v for k, v in aspired.labels.items()
                                            if versions.get(v) and versions[v].state == AVAILABLE}:
             self._publish(entry, entry.snapshot.versions)
 
-    def _load(self, entry: ModelEntry, version: int, path: str, attempts: int) -> None:
-        name = entry.config.name
-        self._set(entry, VersionState(version, LOADING, attempts=attempts + 1,
-                                      last_attempt=time.monotonic(), path=path))
+    def _load(self, name: str, entry: ModelEntry, version: int, path: str, attempts: int) -> None:
+        self._set(name, entry, VersionState(version, LOADING, attempts=attempts + 1,
+                                            last_attempt=time.monotonic(), path=path))
         started = time.monotonic()
         try:
             servable = self._loader(name, version, path)
         except Exception as exc:  # a broken version must never stop the others
             code, message = ((exc.code, exc.message) if isinstance(exc, TFWSGIError)
-                             else (2, f"{type(exc).__name__}: {exc}"))
+                             else (TFWSGIError.code, f"{type(exc).__name__}: {exc}"))  # UNKNOWN
             state = replace(entry.snapshot.versions[version], state=END, error_code=code,
                             error_message=message)
-            self._set(entry, state)
-            if self._observer is not None:
-                self._observer.loaded(name, time.monotonic() - started, False)
+            self._set(name, entry, state)
+            self._announce("load_finished", name, time.monotonic() - started, False)
             left = self._retry.max_retries - attempts
             log.error("tfwsgi: pid %d failed to load model %s version %d (%s): %s",
                       os.getpid(), name, version,
                       f"{left} retries left" if left > 0 else "no retries left", message)
             return
-        self._set(entry, replace(entry.snapshot.versions[version], state=AVAILABLE,
-                                 servable=servable, error_code=0, error_message=""))
-        if self._observer is not None:
-            self._observer.loaded(name, time.monotonic() - started, True)
+        self._set(name, entry, replace(entry.snapshot.versions[version], state=AVAILABLE,
+                                       servable=servable, error_code=0, error_message=""))
+        self._announce("load_finished", name, time.monotonic() - started, True)
+        self._announce("loaded", name, version, servable)
         log.info("tfwsgi: pid %d loaded model %s version %d in %.2fs",
                  os.getpid(), name, version, time.monotonic() - started)
 
-    def _unload(self, entry: ModelEntry, version: int) -> None:
-        """Stop serving a version; its memory is freed by ``_release_unloaded`` after the pass."""
+    def _unload(self, name: str, entry: ModelEntry, version: int) -> None:
+        """Stop serving a version; listeners hear of it once the proposal is applied."""
         state = entry.snapshot.versions[version]
-        self._set(entry, replace(state, state=UNLOADING))
-        self._set(entry, replace(state, state=END, servable=None))
-        self._collect_in, self._collect_wait = 1, 0  # at the end of this pass
-        with contextlib.suppress(TypeError):  # no weak reference: collected on this pass only
-            self._unloaded.append(weakref.ref(state.servable))
-        log.info("tfwsgi: pid %d unloaded model %s version %d", os.getpid(), entry.config.name, version)
+        self._set(name, entry, replace(state, state=UNLOADING))
+        self._set(name, entry, replace(state, state=END, servable=None))
+        self._unloaded.append((name, version))
+        log.info("tfwsgi: pid %d unloaded model %s version %d", os.getpid(), name, version)
 
     def _unload_all(self, name: str, entry: ModelEntry) -> None:
         for version, state in list(entry.snapshot.versions.items()):
             if state.state in (AVAILABLE, LOADING):
-                self._unload(entry, version)
+                self._unload(name, entry, version)
         del self._removed[name]
-
-    # ------------------------------------------------------------------ the watcher thread
-
-    def start_watching(self, fs_poll_seconds: float, config_poll_seconds: float = 0.0,
-                       read_configs: Callable[[], Sequence[ModelConfig]] | None = None) -> None:
-        """Poll base paths (and the config file) in a background thread of this worker."""
-        if fs_poll_seconds <= 0 and (config_poll_seconds <= 0 or read_configs is None):
-            return  # TF Serving: 0 means look once, at start
-
-        def run() -> None:
-            next_fs = next_cfg = time.monotonic()
-            while not self._stop.is_set():
-                now = time.monotonic()
-                if read_configs is not None and config_poll_seconds > 0 and now >= next_cfg:
-                    next_cfg = now + config_poll_seconds
-                    try:
-                        configs = read_configs()
-                    except Exception as exc:  # a bad edit keeps the config in force
-                        log.error("tfwsgi: model config not reloaded: %s", exc)
-                    else:
-                        if [c for c in configs] != [e.config for e in self._models.values()]:
-                            log.info("tfwsgi: pid %d model config changed", os.getpid())
-                            self.set_configs(configs)
-                            self.reconcile()
-                if fs_poll_seconds > 0 and now >= next_fs:
-                    next_fs = now + fs_poll_seconds
-                    self.reconcile()
-                waits = [t for t, on in ((next_fs, fs_poll_seconds > 0),
-                                         (next_cfg, config_poll_seconds > 0 and read_configs)) if on]
-                self._stop.wait(max(0.05, min(waits) - time.monotonic()))
-
-        self._watcher = threading.Thread(target=run, name="tfwsgi-model-watcher", daemon=True)
-        self._watcher.start()
-
-    def stop_watching(self) -> None:
-        self._stop.set()
-        if self._watcher is not None:
-            self._watcher.join(timeout=30)
 
 
 def manager_from_settings(settings: Settings) -> ModelManager:
-    """The manager the settings describe: models, load retries, and warmup in its loader."""
+    """The manager the settings describe: models, load retries, warmup in its loader, and its
+    listeners for metrics and for memory release."""
 
     def loader(name: str, version: int, path: str) -> Any:
         from .servable import Servable
@@ -362,14 +319,17 @@ def manager_from_settings(settings: Settings) -> ModelManager:
             servable.warmup(settings.num_request_iterations_for_warmup)
         return servable
 
+    from .allocator import MemoryRelease
     from .metrics import ModelObserver
 
     retry = RetryPolicy(settings.max_num_load_retries, settings.load_retry_interval_micros / 1e6)
-    return ModelManager(model_configs(settings), loader, retry, ModelObserver())
+    read = (lambda: model_configs(settings)) if settings.model_config_file else None
+    manager = ModelManager(model_configs(settings), loader, retry, ModelObserver(), read)
+    manager.add_listener(MemoryRelease())
+    return manager
 
 
 def watch(manager: ModelManager, settings: Settings) -> None:
-    """Start this worker's watcher of base paths and of the model config file."""
-    read = (lambda: model_configs(settings)) if settings.model_config_file else None
-    manager.start_watching(settings.file_system_poll_wait_seconds,
-                           settings.model_config_file_poll_wait_seconds, read)
+    """Start this worker's polling of base paths and of the model config file."""
+    manager.source.start(settings.file_system_poll_wait_seconds,
+                         settings.model_config_file_poll_wait_seconds)

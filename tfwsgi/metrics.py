@@ -31,7 +31,9 @@ from prometheus_client import (
 from prometheus_client import multiprocess as _multiprocess
 from prometheus_client.mmap_dict import MmapedDict
 
+from . import textformat
 from .errors import Code, ConfigError, TFWSGIError
+from .manager import Listener
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 T = TypeVar("T")
@@ -261,37 +263,18 @@ def start_flushing(interval: float = 1.0) -> None:
 TF_SERVING_PATH = "/monitoring/prometheus/metrics"  # TF Serving's default prometheus_config.path
 
 
-def _monitoring_config_class() -> Any:
-    """TF Serving's MonitoringConfig (config/monitoring_config.proto) as a protobuf message, so the
-    file is read by protobuf's own text-format parser. tensorflow-serving-api does not ship it."""
-    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
-
-    T = descriptor_pb2.FieldDescriptorProto
-    f = descriptor_pb2.FileDescriptorProto(name="tfwsgi_monitoring.proto", package="tensorflow.serving")
-    prometheus = f.message_type.add(name="PrometheusConfig")
-    prometheus.field.add(name="enable", number=1, type=T.TYPE_BOOL, label=T.LABEL_OPTIONAL)
-    prometheus.field.add(name="path", number=2, type=T.TYPE_STRING, label=T.LABEL_OPTIONAL)
-    config = f.message_type.add(name="MonitoringConfig")
-    config.field.add(name="prometheus_config", number=1, type=T.TYPE_MESSAGE, label=T.LABEL_OPTIONAL,
-                     type_name=".tensorflow.serving.PrometheusConfig")
-    pool = descriptor_pool.DescriptorPool()
-    pool.Add(f)
-    return message_factory.GetMessageClass(pool.FindMessageTypeByName("tensorflow.serving.MonitoringConfig"))
-
-
 def prometheus_paths(monitoring_config_file: str) -> list[str]:
     """Where metrics are served: TF Serving's path and /metrics; with a monitoring config file,
     as its ``prometheus_config { enable path }`` says (TF Serving's ``--monitoring_config_file``)."""
     if not monitoring_config_file:
         return [TF_SERVING_PATH, "/metrics"]
-    from google.protobuf import text_format
-
-    msg = _monitoring_config_class()()
+    origin = f"TFWSGI_MONITORING_CONFIG_FILE: {monitoring_config_file}"
     try:
         with open(monitoring_config_file, encoding="utf-8") as f:
-            text_format.Parse(f.read(), msg)
-    except (OSError, text_format.ParseError) as exc:
-        raise ConfigError(f"TFWSGI_MONITORING_CONFIG_FILE: {monitoring_config_file}: {exc}") from None
+            text = f.read()
+    except OSError as exc:
+        raise ConfigError(f"{origin}: {exc}") from None
+    msg = textformat.parse(textformat.monitoring_config(), text, origin)
     if not msg.prometheus_config.enable:
         return []
     path = msg.prometheus_config.path or TF_SERVING_PATH
@@ -361,13 +344,13 @@ def mark_process_dead(pid: int) -> None:
         compact_dead_process(pid, path)
 
 
-class ModelObserver:
-    """What the model manager reports: version state changes and load times."""
+class ModelObserver(Listener):
+    """Listens to the model manager: version state changes and load times."""
 
     def state(self, name: str, version: int, old: str | None, new: str) -> None:
         if old is not None:
             MODEL_VERSION_STATE.labels(name, str(version), old).dec()
         MODEL_VERSION_STATE.labels(name, str(version), new).inc()
 
-    def loaded(self, name: str, seconds: float, ok: bool) -> None:
+    def load_finished(self, name: str, seconds: float, ok: bool) -> None:
         MODEL_LOAD_SECONDS.labels(name, "ok" if ok else "error").observe(seconds)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import os
+import time
+import weakref
 
 import pytest
 
@@ -88,3 +91,79 @@ def test_system_choice_leaves_everything_alone(monkeypatch, no_exec):
     monkeypatch.setattr(allocator, "_maps", lambda: MAPS_GLIBC)
     allocator.use_jemalloc("system", {})
     assert no_exec == [] and allocator.TF_ENV not in os.environ
+
+
+# ------------------------------------------------------------------ memory release (a manager listener)
+
+class Servable:
+    """Lives in a reference cycle, as a loaded SavedModel does: only a full collection frees it."""
+
+    def __init__(self) -> None:
+        self.me = self
+
+
+def until(condition, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+@pytest.fixture
+def collections(monkeypatch):
+    counted: list[int] = []
+    real = gc.collect
+    monkeypatch.setattr(gc, "collect", lambda *a: counted.append(1) or real(*a))
+    return counted
+
+
+def test_an_unload_collects_at_once(collections):
+    release = allocator.MemoryRelease()
+    servable = Servable()
+    held = weakref.ref(servable)
+    release.loaded("m", 1, servable)
+    del servable
+    release.unloaded("m", 1)
+    assert held() is None and collections == [1]
+    assert release._retrier is None  # nothing left alive: no retries
+
+
+def test_a_version_held_by_a_request_is_collected_again_until_freed(collections):
+    release = allocator.MemoryRelease(first_retry=0.05, last_retry=3.2)
+    in_flight = Servable()
+    held = weakref.ref(in_flight)
+    release.loaded("m", 1, in_flight)
+    release.unloaded("m", 1)
+    assert collections == [1] and held() is not None
+    assert until(lambda: len(collections) >= 2)  # a retry while the request holds it
+    assert held() is not None
+    del in_flight  # the request ends: the version is garbage in a cycle
+    assert until(lambda: held() is None)
+    assert until(lambda: release._retrier is None)  # nothing left: the retries end
+    settled = len(collections)
+    time.sleep(0.3)
+    assert len(collections) == settled
+
+
+def test_collections_for_a_version_never_let_go_stop(collections):
+    release = allocator.MemoryRelease(first_retry=0.01, last_retry=0.64)
+    leaked = Servable()
+    release.loaded("m", 1, leaked)
+    release.unloaded("m", 1)
+    assert until(lambda: release._retrier is None)
+    assert len(collections) == 8  # at the unload, then 1, 2, 4 … 64 retry intervals later
+
+
+def test_a_new_unload_starts_the_retries_over(collections):
+    release = allocator.MemoryRelease(first_retry=0.01, last_retry=0.64)
+    first, second = Servable(), Servable()
+    release.loaded("m", 1, first)
+    release.loaded("m", 2, second)
+    release.unloaded("m", 1)
+    assert until(lambda: len(collections) >= 5)
+    before = len(collections)
+    release.unloaded("m", 2)
+    assert until(lambda: release._retrier is None)
+    assert len(collections) >= before + 8  # the second unload has a whole schedule of its own

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
+import weakref
 
 import numpy as np
 import pytest
 
 from tfwsgi.batching import Batcher, BatchingParameters, parse_batching_parameters
 from tfwsgi.errors import ConfigError, DeadlineExceeded, InvalidArgument, TFWSGIError, Unavailable
+from tfwsgi.manager import ModelManager
+from tfwsgi.source import ModelConfig
 
 
 class Model:
@@ -154,3 +158,69 @@ def test_a_task_past_its_deadline_is_dropped_unrun_and_its_caller_answered_at_th
     time.sleep(0.1)
     assert model.batches == [1]  # the expired task never ran
     assert np.array_equal(b.run("k", rows(1), Model(), deadline=time.monotonic() + 5)["y"], [[0.0]])
+
+
+# ------------------------------------------------------------------ the batcher forgets unloaded versions
+
+class Servable:
+    """A version with one signature; like a loaded SavedModel it lives in a reference cycle."""
+
+    def __init__(self, name: str, version: int, path: str) -> None:
+        self.name, self.version, self.me = name, version, self
+
+    def run(self, inputs):
+        return {"y": inputs["x"] * self.version}
+
+
+def test_an_unloaded_version_is_freed_with_batching_on(tmp_path):
+    """Regression: the batcher's per-signature queue kept the signature, and so the whole
+    version with its weights, alive for as long as the worker lived."""
+    (tmp_path / "m" / "1").mkdir(parents=True)
+    manager = ModelManager([ModelConfig("m", str(tmp_path / "m"))], Servable)
+    batcher = Batcher(BatchingParameters(max_batch_size=8))
+    manager.add_listener(batcher)
+    manager.load_all()
+    servable = manager.servable("m")
+    out = batcher.run(("m", 1, "serving_default"), rows(2), servable.run)
+    assert np.array_equal(out["y"], [[0.0], [1.0]])
+    held = weakref.ref(servable)
+    del servable, out
+    (tmp_path / "m" / "2").mkdir()
+    manager.source.propose()
+    assert manager.servable("m").version == 2
+    gc.collect()
+    assert held() is None
+    assert ("m", 1, "serving_default") not in batcher._queues
+
+
+def test_a_task_queued_for_an_unloaded_version_still_runs_then_its_queue_goes():
+    b = Batcher(BatchingParameters(max_batch_size=4, batch_timeout_micros=300_000))
+    model = Model()
+    key = ("m", 1, "serving_default")
+    results, errors = [], []
+
+    def call():
+        try:
+            results.append(b.run(key, rows(1), model))
+        except Exception as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=call)
+    t.start()
+    deadline = time.monotonic() + 5
+    while key not in b._queues or not b._queues[key].tasks:  # queued, waiting for a full batch
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    b.unloaded("m", 1)
+    b.unloaded("m", 7)  # another version's unload leaves it alone
+    t.join(5)
+    assert errors == [] and np.array_equal(results[0]["y"], [[0.0]])
+    assert key not in b._queues
+
+
+def test_only_the_unloaded_versions_queues_are_forgotten():
+    b = Batcher(BatchingParameters())
+    for key in [("m", 1, "a"), ("m", 1, "b"), ("m", 2, "a"), ("n", 1, "a"), "k"]:
+        b.run(key, rows(1), Model())
+    b.unloaded("m", 1)
+    assert sorted(map(str, b._queues)) == sorted(map(str, [("m", 2, "a"), ("n", 1, "a"), "k"]))

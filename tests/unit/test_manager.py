@@ -7,13 +7,12 @@ import weakref
 
 import pytest
 
+from tfwsgi.allocator import MemoryRelease
 from tfwsgi.errors import InvalidArgument, NotFound, TFWSGIError
 from tfwsgi.hooks import fitted_threads
-from tfwsgi.manager import AVAILABLE, END, LOADING, ModelManager, RetryPolicy
+from tfwsgi.manager import AVAILABLE, END, LOADING, UNLOADING, Listener, ModelManager, RetryPolicy
 from tfwsgi.settings import from_env
 from tfwsgi.source import ALL, LATEST, ModelConfig, VersionPolicy
-
-real_collect = gc.collect
 
 
 class Fake:
@@ -100,7 +99,7 @@ def test_fitted_threads(env, workers, cores, expected):
     assert fitted_threads(from_env(env), workers, cores) == expected
 
 
-# ------------------------------------------------------------------ lifecycle: reconcile
+# ------------------------------------------------------------------ lifecycle: proposals applied
 
 class Disk:
     """Version directories under a base path, and a loader that reads a marker file in each."""
@@ -143,7 +142,7 @@ def test_new_version_is_loaded_before_the_old_one_leaves(tmp_path):
     seen_while_loading = []
     disk.gate = lambda v: seen_while_loading.append(mgr.servable("m").version)
     disk.add(2)
-    mgr.reconcile()
+    mgr.source.propose()
     assert seen_while_loading == [1]  # version 1 answered while 2 was loading
     assert mgr.servable("m").version == 2
     states = {s.version: s.state for s in mgr.status("m")}
@@ -154,7 +153,7 @@ def test_broken_new_version_never_serves_and_the_old_keeps_serving(tmp_path):
     mgr, disk = disk_manager(tmp_path, retry=RetryPolicy(max_retries=2, interval_seconds=0.0))
     disk.add(2, good=False)
     for _ in range(5):
-        mgr.reconcile()
+        mgr.source.propose()
     assert mgr.servable("m").version == 1
     state = mgr.status("m", 2)[0]
     assert (state.state, state.error_code, state.error_message) == (END, 15, "corrupt version")
@@ -164,96 +163,40 @@ def test_broken_new_version_never_serves_and_the_old_keeps_serving(tmp_path):
 def test_retry_waits_for_the_interval(tmp_path):
     mgr, disk = disk_manager(tmp_path, retry=RetryPolicy(max_retries=5, interval_seconds=3600))
     disk.add(2, good=False)
-    mgr.reconcile()
-    mgr.reconcile()
+    mgr.source.propose()
+    mgr.source.propose()
     assert disk.loads.count(2) == 1
 
 
 def test_fixed_version_loads_on_retry(tmp_path):
     mgr, disk = disk_manager(tmp_path, retry=RetryPolicy(max_retries=3, interval_seconds=0.0))
     disk.add(2, good=False)
-    mgr.reconcile()
+    mgr.source.propose()
     (disk.root / "2" / "ok").write_text("1")
-    mgr.reconcile()
+    mgr.source.propose()
     assert mgr.servable("m").version == 2
 
 
 def test_removed_version_unloads_but_never_the_last(tmp_path):
     mgr, disk = disk_manager(tmp_path, policy=VersionPolicy(ALL))
     disk.add(2)
-    mgr.reconcile()
+    mgr.source.propose()
     disk.remove(2)
-    mgr.reconcile()
+    mgr.source.propose()
     assert mgr.servable("m").version == 1 and mgr.status("m", 2)[0].state == END
     disk.remove(1)
-    mgr.reconcile()
+    mgr.source.propose()
     assert mgr.servable("m").version == 1  # nothing else to serve: it stays (availability first)
-
-
-class Cyclic(Fake):
-    """A servable that, like a loaded SavedModel, lives in reference cycles: only the cycle
-    collector frees it."""
-
-    def __init__(self, name: str, version: int, path: str) -> None:
-        super().__init__(name, version, path)
-        self.me = self
-
-
-def test_unloaded_version_is_freed_by_the_pass_that_unloads_it(tmp_path):
-    mgr, disk = disk_manager(tmp_path)
-    mgr._loader = lambda name, version, path: Cyclic(name, version, path)
-    disk.add(2)
-    mgr.reconcile()
-    held = weakref.ref(mgr.servable("m"))
-    disk.add(3)
-    mgr.reconcile()
-    assert mgr.servable("m").version == 3
-    assert held() is None  # not left for a later full collection (the next swap's)
-
-
-def test_version_held_by_a_request_is_freed_once_it_ends(tmp_path, monkeypatch):
-    mgr, disk = disk_manager(tmp_path)
-    mgr._loader = lambda name, version, path: Cyclic(name, version, path)
-    disk.add(2)
-    mgr.reconcile()
-    in_flight = mgr.servable("m")
-    held = weakref.ref(in_flight)
-    disk.add(3)
-    collections: list[int] = []
-    monkeypatch.setattr(gc, "collect", lambda *a: collections.append(1) or real_collect(*a))
-    mgr.reconcile()
-    assert held() is not None and mgr.servable("m").version == 3 and collections == [1]
-    mgr.reconcile()  # one pass later: still held, collected again
-    assert held() is not None and collections == [1, 1]
-    mgr.reconcile()  # then 2 passes later, 4 …
-    assert collections == [1, 1]
-    del in_flight  # the request ends: the version is garbage in a cycle
-    mgr.reconcile()
-    assert held() is None and collections == [1, 1, 1]
-    for _ in range(10):
-        mgr.reconcile()
-    assert collections == [1, 1, 1]  # nothing left: passes cost no collection
-
-
-def test_collections_for_a_version_never_let_go_stop(tmp_path, monkeypatch):
-    mgr, disk = disk_manager(tmp_path)
-    leaked = mgr.servable("m")
-    disk.add(2)
-    collections: list[int] = []
-    monkeypatch.setattr(gc, "collect", lambda *a: collections.append(1) or real_collect(*a))
-    for _ in range(300):
-        mgr.reconcile()
-    assert leaked.version == 1 and len(collections) == 8  # after 1, 1, 2, 4 … 64 passes
 
 
 def test_version_back_on_disk_is_loaded_again(tmp_path):
     mgr, disk = disk_manager(tmp_path, policy=VersionPolicy(ALL))
     disk.add(2)
-    mgr.reconcile()
+    mgr.source.propose()
     disk.remove(2)
-    mgr.reconcile()
+    mgr.source.propose()
     disk.add(2)
-    mgr.reconcile()
+    mgr.source.propose()
     assert mgr.servable("m").version == 2 and disk.loads.count(2) == 2
 
 
@@ -265,11 +208,11 @@ def test_label_moves_only_once_its_target_is_available(tmp_path):
     mgr.load_all()
     assert mgr.servable("m", label="stable").version == 1
     # The config moves the label to version 2 before version 2 exists: it stays on 1.
-    mgr.set_configs([ModelConfig("m", str(disk.root), VersionPolicy(ALL), {"stable": 2})])
-    mgr.reconcile()
+    mgr.source.set_configs([ModelConfig("m", str(disk.root), VersionPolicy(ALL), {"stable": 2})])
+    mgr.source.propose()
     assert mgr.servable("m", label="stable").version == 1
     disk.add(2)
-    mgr.reconcile()
+    mgr.source.propose()
     assert mgr.servable("m", label="stable").version == 2
 
 
@@ -278,11 +221,11 @@ def test_models_added_and_removed_by_config(tmp_path):
     other = Disk(tmp_path / "o")
     other.add(5)
     configs = [ModelConfig("m", str(disk.root)), ModelConfig("o", str(other.root))]
-    mgr.set_configs(configs)
-    mgr.reconcile()
+    mgr.source.set_configs(configs)
+    mgr.source.propose()
     assert mgr.servable("o").version == 5 and mgr.ready() == {"m": True, "o": True}
-    mgr.set_configs([ModelConfig("o", str(other.root))])
-    mgr.reconcile()
+    mgr.source.set_configs([ModelConfig("o", str(other.root))])
+    mgr.source.propose()
     with pytest.raises(NotFound):
         mgr.servable("m")
     assert mgr.ready() == {"o": True}
@@ -294,7 +237,7 @@ def test_readiness_waits_for_every_model(tmp_path):
     mgr.load_all()
     assert mgr.ready() == {"m": False}
     disk.add(3)
-    mgr.reconcile()
+    mgr.source.propose()
     assert mgr.ready() == {"m": True}
 
 
@@ -303,7 +246,7 @@ def test_status_shows_loading_while_a_version_loads(tmp_path):
     seen = []
     disk.gate = lambda v: seen.append(mgr.status("m", v)[0].state)
     disk.add(2)
-    mgr.reconcile()
+    mgr.source.propose()
     assert seen == [LOADING]
 
 
@@ -317,5 +260,116 @@ def test_fresh_worker_falls_back_to_an_older_version_when_the_latest_is_broken(t
     assert mgr.status("m", 2)[0].state == END
     # Once version 2 is fixed, a retry loads it and the fallback leaves.
     (disk.root / "2" / "ok").write_text("1")
-    mgr.reconcile()
+    mgr.source.propose()
     assert mgr.servable("m").version == 2 and mgr.status("m", 1)[0].state == END
+
+
+# ------------------------------------------------------------------ announcements to listeners
+
+class Recorder(Listener):
+    """Every announcement, in order."""
+
+    def __init__(self) -> None:
+        self.heard: list[tuple] = []
+
+    def state(self, name, version, old, new):
+        self.heard.append(("state", name, version, old, new))
+
+    def load_finished(self, name, seconds, ok):
+        self.heard.append(("load_finished", name, ok))
+
+    def loaded(self, name, version, servable):
+        self.heard.append(("loaded", name, version, servable.version))
+
+    def unloaded(self, name, version):
+        self.heard.append(("unloaded", name, version))
+
+
+def test_loads_and_unloads_are_announced_in_order(tmp_path):
+    mgr, disk = disk_manager(tmp_path)
+    rec = Recorder()
+    mgr.add_listener(rec)
+    disk.add(2)
+    mgr.source.propose()
+    assert rec.heard == [
+        ("state", "m", 2, None, LOADING),
+        ("state", "m", 2, LOADING, AVAILABLE),
+        ("load_finished", "m", True),
+        ("loaded", "m", 2, 2),
+        ("state", "m", 1, AVAILABLE, UNLOADING),
+        ("state", "m", 1, UNLOADING, END),
+        ("unloaded", "m", 1),  # once the proposal is applied
+    ]
+
+
+def test_unload_is_announced_after_the_manager_let_go_of_the_version(tmp_path):
+    mgr, disk = disk_manager(tmp_path)
+    old = weakref.ref(mgr.servable("m"))
+    alive_at_announcement = []
+
+    class Check(Listener):
+        def unloaded(self, name, version):
+            gc.collect()
+            alive_at_announcement.append(old() is not None)
+
+    mgr.add_listener(Check())
+    disk.add(2)
+    mgr.source.propose()
+    assert alive_at_announcement == [False]  # Fake has no cycle: gone with the manager's last reference
+
+
+def test_failed_load_and_removed_model_are_announced(tmp_path):
+    mgr, disk = disk_manager(tmp_path)
+    rec = Recorder()
+    mgr.add_listener(rec)
+    disk.add(2, good=False)
+    mgr.source.propose()
+    assert ("load_finished", "m", False) in rec.heard and not any(h[0] == "loaded" for h in rec.heard)
+    rec.heard.clear()
+    mgr.source.set_configs([])
+    assert rec.heard[-1] == ("unloaded", "m", 1) and mgr.ready() == {}
+
+
+def test_a_failing_listener_never_stops_the_manager(tmp_path, caplog):
+    mgr, disk = disk_manager(tmp_path)
+
+    class Broken(Listener):
+        def loaded(self, name, version, servable):
+            raise RuntimeError("listener bug")
+
+    rec = Recorder()
+    mgr.add_listener(Broken())
+    mgr.add_listener(rec)
+    disk.add(2)
+    mgr.source.propose()
+    assert mgr.servable("m").version == 2 and ("unloaded", "m", 1) in rec.heard
+    assert "listener bug" in caplog.text
+
+
+def test_models_are_known_before_the_first_proposal(tmp_path):
+    mgr = ModelManager([ModelConfig("m", str(tmp_path)), ModelConfig("o", str(tmp_path))], loader([]))
+    assert mgr.model_names == ["m", "o"] and mgr.ready() == {"m": False, "o": False}
+
+
+# ------------------------------------------------------------------ memory release listens
+
+class Cyclic(Fake):
+    """A servable that, like a loaded SavedModel, lives in reference cycles: only the cycle
+    collector frees it."""
+
+    def __init__(self, name: str, version: int, path: str) -> None:
+        super().__init__(name, version, path)
+        self.me = self
+
+
+def test_unloaded_version_is_freed_by_the_pass_that_unloads_it(tmp_path):
+    disk = Disk(tmp_path / "m")
+    disk.add(2)
+    mgr = ModelManager([ModelConfig("m", str(disk.root))], lambda n, v, p: Cyclic(n, v, p))
+    mgr.add_listener(MemoryRelease())
+    mgr.load_all()
+    held = weakref.ref(mgr.servable("m"))
+    disk.add(3)
+    mgr.source.propose()
+    assert mgr.servable("m").version == 3
+    assert held() is None  # not left for a later full collection (the next swap's)

@@ -18,7 +18,8 @@ from urllib.parse import unquote, urlsplit
 from werkzeug.http import HTTP_STATUS_CODES
 
 from . import codec, dense, metrics
-from .cache import Outcome, request_policy
+from .cache import Outcome, Policy
+from .cachecontrol import cache_status, request_policy
 from .dataplane import DataPlane
 from .errors import CODE_NAMES, InvalidArgument, TFWSGIError
 
@@ -74,7 +75,7 @@ class Call:
     def servable(self) -> Any:
         return self.state.dataplane.servable(self.name, self.version, self.label)
 
-    def policy(self) -> str:
+    def policy(self) -> Policy:
         return request_policy(self.environ.get("HTTP_CACHE_CONTROL"))
 
     def deadline(self) -> float | None:
@@ -278,6 +279,6 @@ class RestAPI:
             body, status = codec.encode_error(f"Internal error: {type(exc).__name__}: {exc}"), 500
         headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
         if outcome is not None:
-            headers.append(("Cache-Status", outcome.header()))
+            headers.append(("Cache-Status", cache_status(outcome)))
         start_response(_STATUS_LINES.get(status) or status_line(status), headers + extra)
         return [] if method == "HEAD" else [body]

@@ -10,7 +10,7 @@ import numpy as np
 
 from . import metrics
 from .batching import DEADLINE_MESSAGE, Batcher
-from .cache import NORMAL, Outcome, PredictionCache, Tensors
+from .cache import Outcome, Policy, PredictionCache, Tensors
 from .errors import DeadlineExceeded
 from .manager import ModelManager
 
@@ -30,7 +30,7 @@ class DataPlane:
         return self.manager.servable(name, version, label)
 
     def _run(self, servable: Any, signature: str, method: str, inputs: Mapping[str, np.ndarray],
-             compute: Callable[[], Tensors], policy: str,
+             compute: Callable[[], Tensors], policy: Policy,
              deadline: float | None) -> tuple[Tensors, Outcome]:
         def counted() -> Tensors:
             out = compute()
@@ -44,7 +44,7 @@ class DataPlane:
         return answer
 
     def predict(self, servable: Any, signature: Any, inputs: Mapping[str, np.ndarray],
-                policy: str = NORMAL, deadline: float | None = None) -> tuple[Tensors, Outcome]:
+                policy: Policy = Policy.NORMAL, deadline: float | None = None) -> tuple[Tensors, Outcome]:
         batcher = self.batcher
         if batcher is None:
             def compute() -> Tensors:
@@ -57,7 +57,7 @@ class DataPlane:
         return self._run(servable, signature.name, "predict", inputs, compute, policy, deadline)
 
     def classify(self, servable: Any, signature_name: str, examples: np.ndarray,
-                 policy: str = NORMAL, deadline: float | None = None) -> tuple[Tensors, Outcome]:
+                 policy: Policy = Policy.NORMAL, deadline: float | None = None) -> tuple[Tensors, Outcome]:
         name = signature_name or DEFAULT_SIGNATURE
 
         def compute() -> Tensors:
@@ -72,7 +72,7 @@ class DataPlane:
         return self._run(servable, name, "classify", {"inputs": examples}, compute, policy, deadline)
 
     def regress(self, servable: Any, signature_name: str, examples: np.ndarray,
-                policy: str = NORMAL, deadline: float | None = None) -> tuple[Tensors, Outcome]:
+                policy: Policy = Policy.NORMAL, deadline: float | None = None) -> tuple[Tensors, Outcome]:
         name = signature_name or DEFAULT_SIGNATURE
         return self._run(servable, name, "regress", {"inputs": examples},
                          lambda: {"outputs": servable.regress(name, examples)}, policy, deadline)

@@ -8,7 +8,8 @@ import time
 import numpy as np
 import pytest
 
-from tfwsgi import cache
+from conftest import metric_total
+from tfwsgi import cache, metrics
 from tfwsgi.cache import Policy
 from tfwsgi.cachecontrol import cache_status
 from tfwsgi.errors import ConfigError, InvalidArgument
@@ -112,6 +113,23 @@ def test_corrupt_value_is_a_miss_and_is_overwritten():
     out, o = c.get_or_compute("m", 1, "s", "predict", X, counter([3.0]))
     assert out["y"].tolist() == [3.0] and o.detail == "corrupt-value" and o.stored
     assert cache.decode_value(lru.get(key), bytes.fromhex(key[len("tfwsgi:"):]))["y"].tolist() == [3.0]
+
+
+def lookups(model: str, result: str) -> float:
+    return metric_total(metrics.render()[0].decode(), "tfwsgi_cache_lookups_total",
+                        model_name=model, result=result)
+
+
+def test_every_policy_counts_one_lookup_no_cache_as_refresh():
+    """Regression: a no-cache request counted no lookup, though the metric promises "refresh"."""
+    c = make()
+    c.get_or_compute("counted", 1, "s", "predict", X, counter([1.0]))
+    assert lookups("counted", "miss") == 1
+    c.get_or_compute("counted", 1, "s", "predict", X, counter([1.0]), Policy.REFRESH)
+    assert lookups("counted", "refresh") == 1
+    c.get_or_compute("counted", 1, "s", "predict", X, counter([1.0]), Policy.BYPASS)
+    c.get_or_compute("counted", 1, "s", "predict", X, counter([1.0]))
+    assert [lookups("counted", r) for r in ("miss", "refresh", "bypass", "hit")] == [1, 1, 1, 1]
 
 
 def test_backend_errors_fail_open():

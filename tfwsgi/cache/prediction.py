@@ -108,8 +108,11 @@ class PredictionCache:
             return compute(), Outcome(fwd="bypass")
         key_digest = digest(model, version, signature, method, inputs)
         key = self.prefix + key_digest.hex()
-        outcome = Outcome(fwd="request" if policy is Policy.REFRESH else "miss")
-        if policy is Policy.NORMAL:
+        if policy is Policy.REFRESH:
+            outcome = Outcome(fwd="request")
+            self._count(model, "refresh")
+        else:
+            outcome = Outcome(fwd="miss")
             found = self._get(model, key, key_digest, outcome)
             if found is not None:
                 return found, outcome

@@ -161,6 +161,14 @@ SETTINGS: tuple[Setting, ...] = (
             "With memcached: on a miss, one request anywhere computes while identical ones wait "
             "up to this long for its answer (a memcached `add` lease); 0 turns it off.",
             _non_negative),
+    Setting("cache_hmac_key", str, "",
+            "A secret that signs every cached value (HMAC-SHA256 over its key and bytes): a value "
+            "without a valid signature is a miss and is recomputed, so whoever can write to "
+            "memcached but lacks the secret cannot plant answers. Every instance sharing a "
+            "memcached needs the same one. Empty: values are not signed."),
+    Setting("cache_hmac_key_file", str, "",
+            "A file holding that secret (surrounding white space ignored), which keeps it out of "
+            "the environment; if both are set they must be equal, or the server does not start."),
     Setting("memcached", str, "",
             "Memcached servers shared by all workers and hosts, `host:port[,host:port…]` "
             "(keys spread by rendezvous hashing)."),

@@ -132,6 +132,39 @@ def test_every_policy_counts_one_lookup_no_cache_as_refresh():
     assert [lookups("counted", r) for r in ("miss", "refresh", "bypass", "hit")] == [1, 1, 1, 1]
 
 
+def plant_forgery(lru: cache.LocalLRU) -> str:
+    """What anyone who can write to memcached can do: a well-formed value, for the right key
+    digest, saying what they like."""
+    dig = cache.digest("m", 1, "s", "predict", X)
+    key = "tfwsgi:" + dig.hex()
+    lru.set(key, cache.encode_value(dig, {"y": np.array([666.0], F32)}), 0)
+    return key
+
+
+def test_with_a_signing_key_a_forged_value_is_refused_and_recomputed():
+    lru = cache.LocalLRU(1 << 20)
+    c = make({"TFWSGI_CACHE_HMAC_KEY": "s3cret"}, backend=lru)
+    key = plant_forgery(lru)
+    corrupt = lookups("m", "corrupt")
+    out, o = c.get_or_compute("m", 1, "s", "predict", X, counter([3.0]))
+    assert out["y"].tolist() == [3.0], "the forged value was served"
+    assert cache_status(o) == "tfwsgi; fwd=miss; stored; detail=corrupt-value"
+    assert lookups("m", "corrupt") == corrupt + 1
+    dig = bytes.fromhex(key[len("tfwsgi:"):])
+    assert cache.decode_value(lru.get(key), dig, b"s3cret")["y"].tolist() == [3.0]  # overwritten, signed
+    out, o = c.get_or_compute("m", 1, "s", "predict", X, counter([0.0]))
+    assert o.hit and out["y"].tolist() == [3.0]
+
+
+def test_without_a_key_a_well_formed_value_is_trusted():
+    """The default, unchanged: whoever can write to the cache decides the answer (hence the key)."""
+    lru = cache.LocalLRU(1 << 20)
+    c = make(backend=lru)
+    plant_forgery(lru)
+    out, o = c.get_or_compute("m", 1, "s", "predict", X, counter([3.0]))
+    assert o.hit and out["y"].tolist() == [666.0]
+
+
 def test_backend_errors_fail_open():
     c = make(backend=FailingBackend())
     out, o = c.get_or_compute("m", 1, "s", "predict", X, counter([4.0]))

@@ -24,7 +24,7 @@ from ..settings import Settings
 from . import backends
 from .backends import Backend, BackendError
 from .keys import digest, validate_prefix
-from .values import CorruptValue, Tensors, decode_value, encode_value
+from .values import CorruptValue, Tensors, decode_value, encode_value, signing_key
 
 log = logging.getLogger("tfwsgi")
 
@@ -89,6 +89,7 @@ class PredictionCache:
         self.prefix = validate_prefix(settings.cache_key_prefix)
         self.max_item = settings.memcached_max_item_bytes
         self.lease_ms = settings.cache_lease_ms
+        self.hmac_key = signing_key(settings)
         self.backend = backend if backend is not None else backends.from_settings(settings)
         self._flights: dict[bytes, _Flight] = {}
         self._lookups: dict[tuple[str, str], Any] = {}
@@ -202,7 +203,7 @@ class PredictionCache:
                 self._count(model, "miss")
             return None
         try:
-            found = decode_value(data, key_digest)
+            found = decode_value(data, key_digest, self.hmac_key)
         except CorruptValue as exc:
             log.warning("tfwsgi: cache value under %s rejected (%s): recomputing", key, exc)
             outcome.detail = "corrupt-value"
@@ -217,7 +218,7 @@ class PredictionCache:
         if outcome.detail == "cache-error":
             return  # it just failed: do not wait for it twice
         try:
-            value = encode_value(key_digest, result)
+            value = encode_value(key_digest, result, self.hmac_key)
         except CorruptValue:
             self._metrics.CACHE_STORES.labels(model, "uncacheable").inc()
             return

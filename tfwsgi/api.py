@@ -16,7 +16,7 @@ from flask import Blueprint, Flask, Response, current_app, request
 from werkzeug.routing import BaseConverter, Rule
 
 from . import codec, metrics
-from .cache import request_policy
+from .cachecontrol import cache_status, request_policy
 from .dataplane import DataPlane, JsonPredict, ModelSpec, Options
 from .errors import CODE_NAMES, InvalidArgument, ResourceExhausted
 
@@ -96,7 +96,7 @@ def v1(**_: str) -> Response:
 def predict(state: WorkerState, environ: dict[str, Any], spec: ModelSpec) -> Response:
     body = JsonPredict(read_body(environ, state.settings.max_request_bytes))
     answer = state.dataplane.predict(spec, body, _options(environ))
-    return _json(codec.encode_predict(answer.outputs, answer.fmt), answer.outcome.header())
+    return _json(codec.encode_predict(answer.outputs, answer.fmt), cache_status(answer.outcome))
 
 
 def classify(state: WorkerState, environ: dict[str, Any], spec: ModelSpec) -> Response:
@@ -104,13 +104,13 @@ def classify(state: WorkerState, environ: dict[str, Any], spec: ModelSpec) -> Re
     answer = state.dataplane.classify(spec, signature_name, examples, _options(environ))
     out = answer.outputs
     return _json(codec.encode_classify(out.get("classes"), out.get("scores"), len(examples)),
-                 answer.outcome.header())
+                 cache_status(answer.outcome))
 
 
 def regress(state: WorkerState, environ: dict[str, Any], spec: ModelSpec) -> Response:
     signature_name, examples = _examples(state, environ)
     answer = state.dataplane.regress(spec, signature_name, examples, _options(environ))
-    return _json(codec.encode_regress(answer.outputs["outputs"]), answer.outcome.header())
+    return _json(codec.encode_regress(answer.outputs["outputs"]), cache_status(answer.outcome))
 
 
 _VERBS = {"predict": predict, "classify": classify, "regress": regress}

@@ -16,7 +16,7 @@ import numpy as np
 
 from . import codec, dense, metrics
 from .batching import DEADLINE_MESSAGE, Batcher
-from .cache import NORMAL, Outcome, PredictionCache
+from .cache import Outcome, Policy, PredictionCache
 from .errors import DeadlineExceeded, TFWSGIError
 from .interfaces import Servable, Signature, Tensors
 from .manager import ModelManager, VersionState
@@ -37,7 +37,7 @@ class ModelSpec:
 class Options:
     """How to answer: the cache policy and the deadline (``time.monotonic()``; None: none)."""
 
-    policy: str = NORMAL
+    policy: Policy = Policy.NORMAL
     deadline: float | None = None
 
 

@@ -139,6 +139,9 @@ def on_starting(server: Any) -> None:
         from .cache import parse_servers
 
         parse_servers(settings.memcached)
+    from .cache import signing_key
+
+    signing_key(settings)  # an unreadable key file, or two different keys, stops the start
     for c in configs:
         server.log.info("tfwsgi: model %s from %s (%s)", c.name, c.base_path, c.policy.kind)
     if settings.preload_tensorflow:

@@ -53,11 +53,11 @@ def _positive(value: int) -> None:
         raise ValueError(f"must be > 0, got {value}")
 
 
-def setting(default: T, doc: str, validate: Callable[[T], None] | None = None) -> T:
+def setting(default: T, doc: str, validate: Callable[[T], None] | None = None, secret: bool = False) -> T:
     """Declare one setting as a ``Settings`` field: the field's name is the TF Serving flag, its
     annotation the type, ``TFWSGI_<NAME>`` the environment variable; ``validate`` raises
-    ValueError for a value of the right type that cannot be used."""
-    return field(default=default, metadata={"doc": doc, "validate": validate})
+    ValueError for a value of the right type that cannot be used; a ``secret`` stays out of repr."""
+    return field(default=default, repr=not secret, metadata={"doc": doc, "validate": validate})
 
 
 @dataclass(frozen=True)
@@ -151,6 +151,14 @@ class Settings:
             "With memcached: on a miss, one request anywhere computes while identical ones wait "
             "up to this long for its answer (a memcached `add` lease); 0 turns it off.",
             _non_negative)
+    cache_hmac_key: str = setting("",
+            "A secret that signs every cached value (HMAC-SHA256 over its key and bytes): a value "
+            "without a valid signature is a miss and is recomputed, so whoever can write to "
+            "memcached but lacks the secret cannot plant answers. Every instance sharing a "
+            "memcached needs the same one. Empty: values are not signed.", secret=True)
+    cache_hmac_key_file: str = setting("",
+            "A file holding that secret (surrounding white space ignored), which keeps it out of "
+            "the environment; if both are set they must be equal, or the server does not start.")
     memcached: str = setting("",
             "Memcached servers shared by all workers and hosts, `host:port[,host:port…]` "
             "(keys spread by rendezvous hashing).")

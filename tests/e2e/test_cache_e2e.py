@@ -286,3 +286,43 @@ def test_local_lru_by_default(start_server, model_config):
     srv.wait_ready()
     assert "stored" in status(srv.post(PREDICT, json={"instances": [61.0]}))
     assert status(srv.post(PREDICT, json={"instances": [61.0]})) == "tfwsgi; hit"
+
+
+def test_with_a_signing_key_a_forged_value_is_not_served(memcached, start_server, model_config, tmp_path):
+    """Anyone who can write to memcached can plant a well-formed value under the right digest;
+    without the key (from a file here) it is refused, counted as corrupt, recomputed and replaced."""
+    from pymemcache.client.base import Client
+
+    mc = memcached()
+    key_file = tmp_path / "cache.key"
+    key_file.write_text("a-secret-only-the-servers-know\n")
+    srv = start_server(env_for(model_config, mc, TFWSGI_CACHE_HMAC_KEY_FILE=str(key_file)), workers=1)
+    srv.wait_ready()
+    values = [71.0]
+    key, dig = hp_key(values)
+    forged = cache.encode_value(dig, {"y": np.array([666.0], np.float32)})
+    raw = Client(("127.0.0.1", mc.port), connect_timeout=5, timeout=5)
+    try:
+        assert raw.set(key, forged, noreply=False)
+        r = srv.post(PREDICT, json={"instances": values})
+        assert r.json() == {"predictions": [37.5]}, "the planted value was served"
+        assert status(r) == "tfwsgi; fwd=miss; stored; detail=corrupt-value"
+        repaired = raw.get(key)
+    finally:
+        raw.close()
+    assert cache.decode_value(repaired, dig, b"a-secret-only-the-servers-know")["y"].tolist() == [37.5]
+    r = srv.post(PREDICT, json={"instances": values})
+    assert status(r) == "tfwsgi; hit" and r.json() == {"predictions": [37.5]}
+    assert metric_total(srv.get("/metrics").text, "tfwsgi_cache_lookups_total", result="corrupt") == 1
+
+
+def test_two_different_signing_keys_stop_the_start(start_server, model_config, tmp_path):
+    key_file = tmp_path / "cache.key"
+    key_file.write_text("one\n")
+    srv = start_server(env_for(model_config, TFWSGI_CACHE_HMAC_KEY_FILE=str(key_file),
+                               TFWSGI_CACHE_HMAC_KEY="two"), workers=1)
+    deadline = time.monotonic() + 60
+    while srv.proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert srv.proc.returncode not in (None, 0)
+    assert "TFWSGI_CACHE_HMAC_KEY and TFWSGI_CACHE_HMAC_KEY_FILE are both set and differ" in srv.log()

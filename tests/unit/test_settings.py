@@ -109,3 +109,9 @@ def test_replace():
         s.replace(workers="3")
     with pytest.raises(ConfigError, match="setting 'workers' is int, got True"):
         s.replace(workers=True)
+
+
+def test_the_cache_secret_stays_out_of_the_settings_repr() -> None:
+    values = settings.from_env({"TFWSGI_CACHE_HMAC_KEY": "s3cr3t-value", "TFWSGI_CACHE_TTL_SECONDS": "77"})
+    assert values.cache_hmac_key == "s3cr3t-value"
+    assert "s3cr3t-value" not in repr(values) and "77" in repr(values)

@@ -8,6 +8,7 @@ import io
 
 import pytest
 from fakes import make_app
+from flask import Response
 from flask.testing import FlaskClient
 from werkzeug.test import EnvironBuilder
 
@@ -145,10 +146,11 @@ TOO_LARGE = f"Request body is larger than the limit of {LIMIT} bytes"
 
 
 def without_length(client: FlaskClient, path: str, body: bytes):
-    """POST a body with no Content-Length, as the server hands the app a chunked one."""
+    """POST a body with no Content-Length, as the server hands the app a chunked one (straight to
+    the WSGI app: the test client would measure the stream and set a Content-Length again)."""
     environ = EnvironBuilder(path, method="POST", input_stream=io.BytesIO(body)).get_environ()
     del environ["CONTENT_LENGTH"]
-    return client.open(environ)
+    return Response.from_app(client.application, environ)
 
 
 def test_oversize_body_gets_413_json(limited):
@@ -174,6 +176,14 @@ def test_body_of_exactly_the_limit_is_accepted(limited):
     assert r.status_code == 200 and r.get_json() == {"predictions": [2.5]}
     r = without_length(limited, P, body)
     assert r.status_code == 200 and r.get_json() == {"predictions": [2.5]}
+
+
+def test_one_byte_over_the_limit_is_413(limited):
+    head = b'{"instances": [1.0]'
+    body = head + b" " * (LIMIT - len(head)) + b"}"
+    assert len(body) == LIMIT + 1
+    assert json_error(limited.post(P, data=body), 413) == TOO_LARGE
+    assert json_error(without_length(limited, P, body), 413) == TOO_LARGE
 
 
 def test_a_413_reads_the_refused_body_so_the_client_sees_the_answer(limited):

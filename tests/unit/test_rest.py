@@ -10,6 +10,10 @@ from __future__ import annotations
 import base64
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -312,3 +316,24 @@ def test_other_paths_get_html_404(client):
     assert r.status_code == 404 and "html" in r.headers["Content-Type"]
     r = client.get("/v1")  # not /v1/: not TF Serving's
     assert r.status_code == 404 and "html" in r.headers["Content-Type"]
+
+
+def test_the_fake_tier_needs_no_tensorflow(tmp_path):
+    """Predict, status, metadata, errors, health and metrics run without importing TensorFlow
+    (in a fresh interpreter: this session may have imported it for classify/regress)."""
+    code = f"""
+import sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from pathlib import Path
+from fakes import make_app
+client = make_app(Path({str(tmp_path)!r})).test_client()
+r = client.post("/v1/models/hp:predict", json={{"instances": [1.0]}})
+assert r.get_json() == {{"predictions": [3.5]}}
+assert client.post("/v1/models/wide:predict", json={{"inputs": [[1.0] * 16]}}).status_code == 200
+assert client.get("/v1/models/hp").status_code == client.get("/v1/models/hp/metadata").status_code == 200
+assert client.post("/v1/models/hp:predict", data=b"{{").status_code == 400
+assert client.get("/v2/health/ready").status_code == client.get("/metrics").status_code == 200
+sys.exit("tensorflow" in sys.modules)
+"""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    assert subprocess.run([sys.executable, "-c", code], env=env, timeout=120).returncode == 0

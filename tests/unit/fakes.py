@@ -23,7 +23,7 @@ import numpy as np
 from flask import Flask
 
 from tfwsgi import dense
-from tfwsgi.app import create_app
+from tfwsgi.application import create_app
 from tfwsgi.errors import FailedPrecondition, InvalidArgument, TFWSGIError
 from tfwsgi.manager import ModelManager
 from tfwsgi.settings import Settings, from_env
@@ -285,7 +285,7 @@ def make_settings(**values: Any) -> Settings:
 
 
 def make_app(tmp_path: Path, models: Sequence[FakeModel] | None = None, **settings: Any) -> Flask:
-    """The real app (``tfwsgi.app.create_app``) over the real ModelManager, whose versions are
+    """The real app (``tfwsgi.application.create_app``) over the real ModelManager, whose versions are
     directories under ``tmp_path`` loaded by the fakes; ``settings`` override tfwsgi's defaults."""
     models = standard_models() if models is None else models
     builders: dict[tuple[str, int], Builder | TFWSGIError] = {}

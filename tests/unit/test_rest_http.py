@@ -301,9 +301,8 @@ def test_monitoring_config_moves_or_turns_off_the_metrics(tmp_path):
     assert client.get("/monitoring/prometheus/metrics").status_code == 404
 
 
-@pytest.mark.xfail(strict=True, reason="bug (issue 17): a 413 is counted in "
-                   ":tensorflow:serving:request_count as UNKNOWN; TF Serving says RESOURCE_EXHAUSTED")
 def test_a_413_is_counted_resource_exhausted(tmp_path):
+    """Regression (issue 17): a 413 was counted as UNKNOWN; TF Serving says RESOURCE_EXHAUSTED."""
     client = make_app(tmp_path, max_request_bytes=64).test_client()
 
     before = request_count(scrape(client), "hp", "RESOURCE_EXHAUSTED")
@@ -311,9 +310,8 @@ def test_a_413_is_counted_resource_exhausted(tmp_path):
     assert request_count(scrape(client), "hp", "RESOURCE_EXHAUSTED") == before + 1
 
 
-@pytest.mark.xfail(strict=True, reason="bug (issue 17): a Cache-Control: no-cache request counts no "
-                   "cache lookup, though tfwsgi_cache_lookups_total's help promises result=\"refresh\"")
 def test_a_no_cache_request_is_counted_as_a_refresh(client):
+    """Regression (issue 17): a no-cache request counted no lookup, though the help promises refresh."""
     def refreshes() -> float:
         return metric_total(scrape(client), "tfwsgi_cache_lookups_total", model_name="hp", result="refresh")
 
@@ -344,8 +342,6 @@ def test_an_api_key_before_request_guards_the_flask_routes(tmp_path):
     assert client.get("/v2/health/ready", headers={"X-API-Key": "s3cret"}).status_code == 200
 
 
-@pytest.mark.xfail(strict=True, reason="/v1 runs as WSGI middleware in front of Flask, so a "
-                   "before_request never sees predictions: /v1 is not yet Flask views (issue 17)")
 def test_an_api_key_before_request_refuses_an_unauthenticated_predict(tmp_path):
     client = with_api_key(make_app(tmp_path))
     r = client.post(P, json={"instances": [1.0]})

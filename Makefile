@@ -18,7 +18,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 venv: $(VENV)/.installed
 
-# System packages: jemalloc for serving (TFWSGI_MEMORY_ALLOCATOR, see the README), and what the
+# System packages: jemalloc for serving (TFWSGI_MEMORY_ALLOCATOR, see docs/architecture.md), and what the
 # tests and benchmarks drive for real.
 SERVE_PACKAGES := libjemalloc2
 SYSTEM_PACKAGES := $(SERVE_PACKAGES) curl procps memcached wrk nginx systemd
@@ -58,7 +58,7 @@ test: venv system-deps lint
 unit: venv
 	$(PY) -m pytest tests/unit -q
 
-# The systemd service (systemd/): /opt/tfwsgi, /etc/tfwsgi, the units; see the README.
+# The systemd service (systemd/): /opt/tfwsgi, /etc/tfwsgi, the units; see docs/operations.md.
 install:
 	systemd/install.sh
 

@@ -1,7 +1,7 @@
 """gunicorn settings for ``gunicorn -c gunicorn_conf.py tfwsgi:app``: values and one-line hooks.
 
 Command-line flags (``-b``, ``-w``, ``-k`` …) override these values. Model settings come from
-``TFWSGI_*`` environment variables (see the README).
+``TFWSGI_*`` environment variables (see docs/settings.md).
 """
 
 import os

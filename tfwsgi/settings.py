@@ -3,7 +3,7 @@
 Names follow TensorFlow Serving's flags; each is read from ``TFWSGI_<FLAG IN UPPER CASE>``.
 ``Settings`` is a frozen dataclass with one typed field per setting, so mypy rejects a misspelled
 setting (``settings.max_request_bytez``) or one used as the wrong type (tests/typecheck/).
-``python -m tfwsgi.settings`` prints the Markdown table that the README carries.
+``python -m tfwsgi.settings`` prints the Markdown table that docs/settings.md carries.
 """
 
 from __future__ import annotations
@@ -203,7 +203,7 @@ class Settings:
 @dataclass(frozen=True)
 class Setting:
     """One setting as declared on ``Settings``: its TF Serving flag name, type, default, doc and
-    optional validator (what the environment parser and the README table read)."""
+    optional validator (what the environment parser and the settings table read)."""
 
     name: str
     type: type
@@ -278,7 +278,7 @@ def with_env_file(environ: Mapping[str, str], applied: set[str]) -> tuple[dict[s
 
 
 def markdown_table() -> str:
-    """The README's settings table, generated from the declarations above."""
+    """The settings table (docs/settings.md), generated from the declarations above."""
     lines = ["| environment variable | type | default | meaning |", "|---|---|---|---|"]
     for s in SETTINGS:
         if s.type is str:
@@ -294,7 +294,7 @@ TABLE_END = "<!-- settings-table:end -->"
 
 
 def update_readme(path: str) -> None:
-    """Rewrite the table between the README's settings-table markers."""
+    """Rewrite the table between the settings-table markers of a Markdown file (docs/settings.md)."""
     with open(path, encoding="utf-8") as f:
         text = f.read()
     start = text.index(TABLE_START) + len(TABLE_START)

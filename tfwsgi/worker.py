@@ -1,7 +1,7 @@
 """``tfwsgi.worker.EventWorker``: thousands of keep-alive connections per worker, a bounded pool of
 request threads, request deadlines and an explicit answer to overload.
 
-Why this shape (measured on a 2-core machine; the README's architecture notes give the figures):
+Why this shape (measured on a 2-core machine; docs/architecture.md gives the figures):
 
 - The previous worker gave each connection a thread of its own, blocking on its socket between
   requests. It was fast, but it served at most ``workers × threads`` connections: connection
@@ -278,11 +278,13 @@ class Channel:
     """What gunicorn's parser and response see as the socket: the connection's buffered bytes
     first, then the non-blocking socket, each wait bounded (reads by the request's deadline)."""
 
-    __slots__ = ("conn", "deadline", "pending", "suppress_continue")
+    __slots__ = ("conn", "corked", "deadline", "held", "pending", "suppress_continue")
 
     def __init__(self, conn: Conn, deadline: float) -> None:
         self.conn = conn
         self.deadline = deadline
+        self.corked = False
+        self.held: bytes | None = None
         self.pending = memoryview(bytes(conn.buf))
         conn.buf = bytearray()
         self.suppress_continue = conn.continued  # the loop already said 100 Continue
@@ -313,7 +315,25 @@ class Channel:
         self.sendall(data)
         return len(data)
 
+    def cork(self) -> None:
+        """Hold the next write (gunicorn sends a response's head on its own) and send it with
+        the write after it (the body): one send and one TCP segment a response, not two."""
+        self.corked = True
+
+    def uncork(self) -> None:
+        self.corked = False
+        if self.held is not None:
+            held, self.held = self.held, None
+            self.sendall(held)
+
     def sendall(self, data: Any) -> None:
+        if self.corked:
+            if self.held is None:
+                self.held = bytes(data)
+                return
+            data = self.held + bytes(data)
+            self.held = None
+            self.corked = False
         view = memoryview(data).cast("B")
         sock = self.conn.sock
         while view:
@@ -394,6 +414,7 @@ class EventWorker(base.Worker):
         self.parked = 0  # threads waiting on their last connection for its next request
         self._unpark_r, self._unpark_w = os.pipe()  # readable: parked threads, leave
         os.set_blocking(self._unpark_r, False)
+        self._pollers = threading.local()  # each request thread's poll object (see _park)
         self._unparking = False
         self.rate = 0.0  # requests completed per second, smoothed
         self.completed = 0
@@ -771,13 +792,16 @@ class EventWorker(base.Worker):
             if self.waiting or not self.free_threads or self._unparking or not self.alive:
                 return False
             self.parked += 1
-        try:
-            poller = select.poll()
-            poller.register(conn.fd, select.POLLIN)
+        poller = self._pollers.__dict__.get("poller")
+        if poller is None:  # one a thread, watching the unpark pipe; the connection comes and goes
+            poller = self._pollers.poller = select.poll()
             poller.register(self._unpark_r, select.POLLIN)
+        try:
+            poller.register(conn.fd, select.POLLIN)
             events = poller.poll(PARK_SECONDS * 1000)
             return any(fd == conn.fd for fd, _ in events)
         finally:
+            poller.unregister(conn.fd)
             with self._claim:
                 self.parked -= 1
 
@@ -865,9 +889,13 @@ class EventWorker(base.Worker):
                 if isinstance(respiter, environ["wsgi.file_wrapper"]):
                     resp.write_file(respiter)
                 else:
-                    for item in respiter:
-                        resp.write(item)
-                resp.close()
+                    channel.cork()
+                    try:
+                        for item in respiter:
+                            resp.write(item)
+                        resp.close()
+                    finally:
+                        channel.uncork()
             finally:
                 self.log.access(resp, req, environ, datetime.now() - request_start)
                 if hasattr(respiter, "close"):

@@ -4,8 +4,18 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import Any
 
-from tfwsgi.worker import HAND_OVER, NEED_MORE, error_response, request_extent, waiting_bound, wants_continue
+from tfwsgi.worker import (
+    HAND_OVER,
+    NEED_MORE,
+    Channel,
+    Conn,
+    error_response,
+    request_extent,
+    waiting_bound,
+    wants_continue,
+)
 
 HEAD = b"POST /v1/models/m:predict HTTP/1.1\r\nHost: x\r\n"
 
@@ -69,3 +79,34 @@ def test_error_responses_carry_tf_servings_json_error():
     assert f"Content-Length: {len(body)}" in lines
     assert json.loads(body) == {"error": 'busy "now"'}
     assert b"Connection" not in error_response(503, "x", "y", close=False)
+
+
+class _RecordingSocket:
+    """What Channel needs of a socket, recording each send."""
+
+    def __init__(self) -> None:
+        self.sends: list[bytes] = []
+
+    def fileno(self) -> int:
+        return 99
+
+    def send(self, data: Any) -> int:
+        self.sends.append(bytes(data))
+        return len(data)
+
+
+def test_a_corked_channel_sends_a_response_head_with_its_body() -> None:
+    sock = _RecordingSocket()
+    channel = Channel(Conn(sock, ("127.0.0.1", 1), None), deadline=0.0)  # type: ignore[arg-type]
+    channel.cork()
+    channel.sendall(b"HTTP/1.1 200 OK\r\n\r\n")
+    assert sock.sends == []
+    channel.sendall(b'{"predictions":[1]}')
+    channel.sendall(b"more")  # once the head went, writes go straight out
+    channel.uncork()
+    assert sock.sends == [b'HTTP/1.1 200 OK\r\n\r\n{"predictions":[1]}', b"more"]
+
+    channel.cork()  # a response without a body: its head goes at uncork
+    channel.sendall(b"HTTP/1.1 204 No Content\r\n\r\n")
+    channel.uncork()
+    assert sock.sends[-1] == b"HTTP/1.1 204 No Content\r\n\r\n"

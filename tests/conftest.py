@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -226,3 +227,17 @@ def metric_total(text: str, name: str, **labels: str) -> float:
         if all(f'{k}="{v}"' in head for k, v in labels.items()):
             total += float(value)
     return total
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Any:
+    """The real Flask app over the fakes of tests/unit/fakes.py, one per test module (the
+    in-process REST files; a module may define its own)."""
+    from fakes import make_app
+
+    return make_app(tmp_path_factory.mktemp(request.module.__name__))
+
+
+@pytest.fixture
+def client(app: Any) -> Any:
+    return app.test_client()

@@ -278,6 +278,15 @@ def _stack_instances(values: list[Any], dtype: np.dtype, key: str | None) -> np.
     return np.stack(parts)
 
 
+def check_input_names(inputs: Mapping[str, Any], signature_inputs: Mapping[str, Any]) -> None:
+    """TF Serving's error when the fed tensors are not exactly the signature's inputs."""
+    if set(inputs) != set(signature_inputs):
+        raise InvalidArgument(
+            f"input size does not match signature: {len(inputs)}!={len(signature_inputs)} "
+            f"for inputs: {{{','.join(sorted(inputs))}}} vs signature "
+            f"{{{','.join(sorted(signature_inputs))}}}")
+
+
 def decode_predict(doc: Mapping[str, Any],
                    inputs: Mapping[str, np.dtype]) -> tuple[dict[str, np.ndarray], str]:
     """The input tensors of a predict request, and whether it was row or columnar."""

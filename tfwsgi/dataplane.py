@@ -18,10 +18,8 @@ from . import codec, dense, metrics
 from .batching import DEADLINE_MESSAGE, Batcher
 from .cache import Outcome, Policy, PredictionCache
 from .errors import DeadlineExceeded, TFWSGIError
-from .interfaces import Servable, Signature, Tensors
+from .interfaces import DEFAULT_SIGNATURE, Servable, Signature, Tensors
 from .manager import ModelManager, VersionState
-
-DEFAULT_SIGNATURE = "serving_default"
 
 
 @dataclass(frozen=True)

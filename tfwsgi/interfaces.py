@@ -7,9 +7,11 @@ fakes implement them with numpy.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
+
+from .errors import InvalidArgument
 
 Tensors = dict[str, np.ndarray]
 
@@ -22,6 +24,19 @@ class Signature(Protocol):
     inputs: dict[str, np.dtype]
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> Tensors: ...
+
+
+DEFAULT_SIGNATURE = "serving_default"
+S = TypeVar("S")
+
+
+def signature_by_name(signatures: Mapping[str, S], name: str) -> S:
+    """A servable's signature by name ("" is ``serving_default``), or TF Serving's error."""
+    key = name or DEFAULT_SIGNATURE
+    sig = signatures.get(key)
+    if sig is None:
+        raise InvalidArgument(f'Serving signature name: "{key}" not found in signature def')
+    return sig
 
 
 class Servable(Protocol):

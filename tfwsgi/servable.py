@@ -19,8 +19,9 @@ import numpy as np
 from google.protobuf import json_format, text_format
 from google.protobuf.message import DecodeError
 
-from . import dense
+from . import codec, dense
 from .errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound, TFWSGIError, Unimplemented
+from .interfaces import DEFAULT_SIGNATURE, signature_by_name
 
 
 class _KerasOnFirstUse(importlib.abc.MetaPathFinder):
@@ -47,7 +48,7 @@ finally:
 
 log = logging.getLogger("tfwsgi")
 
-DEFAULT_SIGNATURE = "serving_default"
+
 WARMUP_FILE = "tf_serving_warmup_requests"
 MAX_WARMUP_RECORDS = 1000
 CLASSIFY_INPUTS = "inputs"
@@ -98,13 +99,7 @@ class Signature:
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run on decoded inputs (already of the signature's dtypes); TF errors keep their code."""
-        missing = sorted(set(self.inputs) - set(inputs))
-        extra = sorted(set(inputs) - set(self.inputs))
-        if missing or extra:
-            raise InvalidArgument(
-                f"input size does not match signature: {len(inputs)}!={len(self.inputs)} "
-                f"for inputs: {{{','.join(sorted(inputs))}}} vs signature "
-                f"{{{','.join(sorted(self.inputs))}}}")
+        codec.check_input_names(inputs, self.inputs)
         feeds = {}
         for key, arr in inputs.items():
             shape = self.input_shapes[key]
@@ -250,11 +245,7 @@ class Servable:
 
     def signature(self, name: str) -> Signature:
         """A signature by name ("" is ``serving_default``)."""
-        key = name or DEFAULT_SIGNATURE
-        sig = self.signatures.get(key)
-        if sig is None:
-            raise InvalidArgument(f'Serving signature name: "{key}" not found in signature def')
-        return sig
+        return signature_by_name(self.signatures, name)
 
     def classify(self, name: str, examples: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
         """Run a classification signature on serialized tf.Examples: (classes, scores)."""

@@ -14,6 +14,7 @@ thing here that should have to change.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,16 +23,17 @@ from typing import Any
 import numpy as np
 from flask import Flask
 
-from tfwsgi import dense
+from tfwsgi import codec, dense
 from tfwsgi.application import create_app
 from tfwsgi.errors import FailedPrecondition, InvalidArgument, TFWSGIError
+from tfwsgi.interfaces import DEFAULT_SIGNATURE, signature_by_name
 from tfwsgi.manager import ModelManager
 from tfwsgi.settings import Settings, from_env
 from tfwsgi.source import ALL, SPECIFIC, ModelConfig, VersionPolicy
 
 F32, F64, I32, BOOL, STR = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.int32),
                             np.dtype(bool), np.dtype(object))
-DEFAULT_SIGNATURE = "serving_default"
+
 PREDICT_METHOD = "tensorflow/serving/predict"
 CLASSIFY_METHOD = "tensorflow/serving/classify"
 REGRESS_METHOD = "tensorflow/serving/regress"
@@ -77,13 +79,7 @@ class FakeSignature:
     runs: int = 0  # how often the model ran: a cache hit must not run it
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        missing = sorted(set(self.inputs) - set(inputs))
-        extra = sorted(set(inputs) - set(self.inputs))
-        if missing or extra:
-            raise InvalidArgument(
-                f"input size does not match signature: {len(inputs)}!={len(self.inputs)} "
-                f"for inputs: {{{','.join(sorted(inputs))}}} vs signature "
-                f"{{{','.join(sorted(self.inputs))}}}")
+        codec.check_input_names(inputs, self.inputs)
         for key, arr in inputs.items():
             shape = self.input_shapes.get(key)
             if not _compatible(shape, arr.shape):
@@ -114,11 +110,7 @@ class FakeServable:
         self.takes_dense = any(dense.decodes(s.inputs) for s in self.signatures.values())
 
     def signature(self, name: str) -> FakeSignature:
-        key = name or DEFAULT_SIGNATURE
-        sig = self.signatures.get(key)
-        if sig is None:
-            raise InvalidArgument(f'Serving signature name: "{key}" not found in signature def')
-        return sig
+        return signature_by_name(self.signatures, name)
 
     def classify(self, name: str, examples: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
         out = self._example_signature(name).run({"inputs": examples})
@@ -319,3 +311,10 @@ LOADED = "TFWSGI_TEST_FAKES"
 def loaded(app: Flask, name: str, version: int) -> FakeServable:
     """The fake that ``make_app`` loaded for a version, to count its model runs."""
     return app.config[LOADED][name, version]
+
+
+def ok(resp: Any) -> Any:
+    """The JSON of a 200 answer, read with Python's parser (TF Serving writes NaN and Infinity)."""
+    assert resp.status_code == 200, resp.get_data(as_text=True)
+    assert resp.headers["Content-Type"] == "application/json"
+    return json.loads(resp.get_data())

@@ -8,7 +8,6 @@ test_rest_examples.py (they need TensorFlow's Example protos today).
 from __future__ import annotations
 
 import base64
-import json
 import math
 import os
 import subprocess
@@ -17,24 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fakes import loaded, make_app
-from flask.testing import FlaskClient
 
-
-@pytest.fixture(scope="module")
-def app(tmp_path_factory):
-    return make_app(tmp_path_factory.mktemp("rest"))
-
-
-@pytest.fixture
-def client(app) -> FlaskClient:
-    return app.test_client()
-
-
-def ok(resp):
-    assert resp.status_code == 200, resp.get_data(as_text=True)
-    assert resp.headers["Content-Type"] == "application/json"
-    return json.loads(resp.get_data())  # Python's parser: TF Serving writes NaN and Infinity
+from fakes import loaded, make_app, ok
 
 
 def error(resp, status: int) -> str:

@@ -7,106 +7,15 @@ from __future__ import annotations
 import io
 
 import pytest
-from fakes import make_app
 from flask import Response
 from flask.testing import FlaskClient
 from werkzeug.test import EnvironBuilder
 
-P = "/v1/models/hp/versions/1:predict"
-M = "/v1/models/multi:predict"
-W = "/v1/models/wide:predict"
+from bad_requests import CASES, P
+from fakes import make_app
+
 LIMIT = 4096
 
-CASES = [
-    # (id, method, path, body, status, part of the message)
-    ("malformed-json", "POST", P, b'{"instances": [1.0,', 400, "JSON Parse error"),
-    ("empty-body", "POST", P, b"", 400, "JSON Parse error: The document is empty"),
-    ("whitespace-body", "POST", P, b"   ", 400, "The document is empty"),
-    ("top-level-list", "POST", P, b"[1, 2]", 400, "JSON Value: [1,2] Is not object"),
-    ("top-level-string", "POST", P, b'"abc"', 400, "Is not object"),
-    ("invalid-utf8", "POST", P, b'{"instances": ["\xff\xfe"]}', 400, "JSON Parse error"),
-    ("both-keys", "POST", P, b'{"instances": [1], "inputs": [1]}', 400,
-     "Not formatted correctly expecting only one of 'inputs' or 'instances' keys to exist"),
-    ("neither-key", "POST", P, b'{"values": [1]}', 400, "Missing 'inputs' or 'instances' key"),
-    ("instances-not-list", "POST", P, b'{"instances": 1.0}', 400,
-     "Expecting 'instances' to be an list/array"),
-    ("instances-empty", "POST", P, b'{"instances": []}', 400, "No values in 'instances' array"),
-    ("string-for-float", "POST", P, b'{"instances": ["a"]}', 400,
-     'JSON Value: "a" Type: String is not of expected type: float'),
-    ("null-for-float", "POST", P, b'{"instances": [null]}', 400, "Type: Null is not of expected type: float"),
-    ("bool-for-float", "POST", P, b'{"instances": [true]}', 400, "Type: True is not of expected type: float"),
-    ("object-for-float", "POST", P, b'{"instances": [{"b64": "AAAA"}]}', 400, "is not of expected type"),
-    ("ragged", "POST", W, b'{"instances": [[1, 2, 3, 4], [1, 2]]}', 400,
-     "Failed to process element: 1 of 'instances' list. Error: INVALID_ARGUMENT: Expecting tensor size: 4"),
-    ("ragged-columnar", "POST", W, b'{"inputs": [[1, 2, 3, 4], [1, 2]]}', 400,
-     "Encountered list at unexpected size: 2 at level: 1 expected size: 4"),
-    ("ragged-dense-width", "POST", W,
-     b'{"instances": [' + b"[" + b"1.5," * 15 + b"1.5], [" + b"1.5," * 14 + b"1.5]]}", 400,
-     "Expecting tensor size: 16 but got: 15"),
-    ("wrong-inner-shape", "POST", W, b'{"instances": [[1, 2, 3]]}', 400,
-     "Input 'x' has shape [1,3], which does not match the signature's shape [-1,16]"),
-    ("wrong-rank", "POST", P, b'{"instances": [[1.0], [2.0]]}', 400, "does not match the signature"),
-    ("int32-overflow", "POST", M, b'{"instances": [{"a": [1, 2], "b": 1099511627776}]}', 400,
-     "is not of expected type: int32"),
-    ("float-for-int", "POST", M, b'{"instances": [{"a": [1, 2], "b": 1.5}]}', 400,
-     "is not of expected type: int32"),
-    ("nan-for-int", "POST", M, b'{"inputs": {"a": [[1, 2]], "b": [NaN]}}', 400, "int32"),
-    ("unknown-model", "POST", "/v1/models/nope:predict", b'{"instances": [1]}', 404,
-     "Servable not found for request: Latest(nope)"),
-    ("unknown-version", "POST", "/v1/models/hp/versions/9:predict", b'{"instances": [1]}', 404,
-     "Servable not found for request: Specific(hp, 9)"),
-    ("unknown-label", "POST", "/v1/models/hp/labels/beta:predict", b'{"instances": [1]}', 400,
-     "Unrecognized servable version label: beta"),
-    ("version-overflow", "POST", "/v1/models/hp/versions/99999999999999999999:predict",
-     b'{"instances": [1]}', 400, "Failed to convert version: 99999999999999999999 to numeric."),
-    ("version-not-a-number", "POST", "/v1/models/hp/versions/one:predict", b'{"instances": [1]}', 400,
-     "Malformed request: POST /v1/models/hp/versions/one:predict"),
-    ("unknown-signature", "POST", P, b'{"signature_name": "nope", "instances": [1]}', 400,
-     'Serving signature name: "nope" not found in signature def'),
-    ("signature-not-string", "POST", P, b'{"signature_name": 3, "instances": [1]}', 400,
-     "'signature_name' key must be a string value"),
-    ("unknown-verb", "POST", "/v1/models/hp:explode", b"{}", 400,
-     "Malformed request: POST /v1/models/hp:explode"),
-    ("get-on-predict", "GET", "/v1/models/hp:predict", None, 400,
-     "Malformed request: GET /v1/models/hp:predict"),
-    ("post-on-status", "POST", "/v1/models/hp", b"{}", 400, "Malformed request: POST /v1/models/hp"),
-    ("put-status", "PUT", "/v1/models/hp", b"{}", 400, "Malformed request: PUT /v1/models/hp"),
-    ("delete-status", "DELETE", "/v1/models/hp", None, 400, "Malformed request: DELETE /v1/models/hp"),
-    ("options-without-cors", "OPTIONS", P, None, 400, f"Malformed request: OPTIONS {P}"),
-    ("trailing-slash", "GET", "/v1/models/hp/", None, 400, "Malformed request: GET /v1/models/hp/"),
-    ("double-slash", "GET", "/v1/models//hp", None, 400, "Malformed request"),
-    ("not-models", "GET", "/v1/whatever", None, 400, "Malformed request: GET /v1/whatever"),
-    ("no-model-name", "GET", "/v1/models", None, 400, "Missing model name in request."),
-    ("multi-input-plain-list", "POST", M, b'{"instances": [[1, 2]]}', 400,
-     "instances is a plain list, but expecting list of objects as multiple input tensors required"),
-    ("multi-input-plain-inputs", "POST", M, b'{"inputs": [[1, 2]]}', 400,
-     "inputs is a plain value/list, but expecting an object as multiple input tensors required"),
-    ("named-missing-key", "POST", M, b'{"instances": [{"a": [1, 2]}]}', 400, "keys must be equal to: a,b"),
-    ("named-unknown-key", "POST", M, b'{"instances": [{"a": [1, 2], "b": 1, "c": 2}]}', 400,
-     "does not have named input: c"),
-    ("mixed-objects-and-lists", "POST", M, b'{"instances": [{"a": [1, 2], "b": 1}, [1]]}', 400,
-     "Expecting object but got list at item 1"),
-    ("columnar-missing-input", "POST", M, b'{"inputs": {"a": [[1, 2]]}}', 400,
-     "Missing named input: b in 'inputs' object."),
-    ("bad-base64", "POST", M, b'{"signature_name": "strings", "instances": [{"b64": "!!!"}]}', 400,
-     "Unable to base64 decode"),
-    ("non-b64-object-for-string", "POST", M, b'{"signature_name": "strings", "inputs": [{"c": 1}]}',
-     400, "not formatted correctly for base64 data"),
-    ("number-for-string", "POST", M, b'{"signature_name": "strings", "instances": [1]}', 400,
-     "is not of expected type: string"),
-    ("deeply-nested", "POST", P, b'{"instances": ' + b"[" * 100000 + b"]" * 100000 + b"}", 400,
-     "JSON Parse error"),
-    ("nested-beyond-max-rank", "POST", P, b'{"instances": ' + b"[" * 500 + b"1" + b"]" * 500 + b"}",
-     400, "rank"),
-    ("deeply-nested-objects", "POST", P,
-     b'{"instances": ' + b'{"a": ' * 100000 + b"1" + b"}" * 100000 + b"}", 400, "JSON Parse error"),
-    ("deeply-nested-with-nan", "POST", P,  # NaN sends it to the fallback parser
-     b'{"instances": ' + b"[" * 100000 + b"NaN" + b"]" * 100000 + b"}", 400, "JSON Parse error"),
-    ("nested-1000-deep-quoted-in-the-error", "POST", P,  # was a RecursionError and a 500
-     b'{"signature_name": 1, "x": ' + b"[" * 1000 + b"]" * 1000 + b"}", 400,
-     "'signature_name' key must be a string value"),
-    ("number-too-large", "POST", P, b'{"instances": [1e400]}', 400, "JSON Parse error"),
-]
 
 
 @pytest.fixture(scope="module")

@@ -11,29 +11,13 @@ from __future__ import annotations
 import json
 
 import pytest
-from fakes import FakeModel, half_plus_two, loaded, make_app
-from flask.testing import FlaskClient
 
+from fakes import FakeModel, half_plus_two, loaded, make_app, ok
 from tfwsgi.source import ALL, VersionPolicy
 
 C = "/v1/models/multi:classify"
 R = "/v1/models/hp/versions/1:regress"
 
-
-@pytest.fixture(scope="module")
-def app(tmp_path_factory):
-    return make_app(tmp_path_factory.mktemp("examples"))
-
-
-@pytest.fixture
-def client(app) -> FlaskClient:
-    return app.test_client()
-
-
-def ok(resp):
-    assert resp.status_code == 200, resp.get_data(as_text=True)
-    assert resp.headers["Content-Type"] == "application/json"
-    return json.loads(resp.get_data())
 
 
 def test_regress_as_documented(client):

@@ -7,11 +7,11 @@ import json
 from importlib import resources
 
 import pytest
-from fakes import FakeModel, half_plus_two, loaded, make_app, standard_models
 from flask import jsonify, request
 from flask.testing import FlaskClient
 
 from conftest import metric_total
+from fakes import FakeModel, half_plus_two, loaded, make_app, standard_models
 from tfwsgi.errors import TFWSGIError
 from tfwsgi.source import ALL, VersionPolicy
 

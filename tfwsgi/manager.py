@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .errors import InvalidArgument, NotFound, TFWSGIError
+from .errors import Code, InvalidArgument, NotFound, TFWSGIError
 from .settings import Settings
 from .source import AspiredVersions, ModelConfig, Source, model_configs
 
@@ -43,7 +43,7 @@ class VersionState:
 
     version: int
     state: str = START
-    error_code: int = 0
+    error_code: int = Code.OK
     error_message: str = ""
     servable: Any = None
     attempts: int = 0
@@ -286,7 +286,7 @@ class ModelManager:
                       f"{left} retries left" if left > 0 else "no retries left", message)
             return
         self._set(name, entry, replace(entry.snapshot.versions[version], state=AVAILABLE,
-                                       servable=servable, error_code=0, error_message=""))
+                                       servable=servable, error_code=Code.OK, error_message=""))
         self._announce("load_finished", name, time.monotonic() - started, True)
         self._announce("loaded", name, version, servable)
         log.info("tfwsgi: pid %d loaded model %s version %d in %.2fs",

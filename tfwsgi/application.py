@@ -7,7 +7,10 @@ worker's models before the worker takes a request.
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
+import os
+import time
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -21,7 +24,7 @@ from .cache import PredictionCache
 from .dataplane import DataPlane
 from .errors import ConfigError, TFWSGIError
 from .manager import ModelManager, manager_from_settings, watch
-from .settings import Settings, from_env
+from .settings import Settings, from_env, names
 
 log = logging.getLogger("tfwsgi")
 
@@ -52,6 +55,7 @@ def create_app(manager: ModelManager | None = None, settings: Settings | None = 
     now (in this process) and watches for new versions."""
     settings = settings or from_env()
     if manager is None:
+        import_custom_op_modules(settings.custom_op_modules)
         manager = manager_from_settings(settings)
         manager.load_all()
         watch(manager, settings)
@@ -76,6 +80,23 @@ def create_app(manager: ModelManager | None = None, settings: Settings | None = 
     if settings.rest_api_enable_cors_support:
         app.after_request(_cors)
     return app
+
+
+def import_custom_op_modules(modules: str) -> None:
+    """Import the modules ``TFWSGI_CUSTOM_OP_MODULES`` names, whose import registers the custom
+    ops some models need (``tensorflow_text``), before any model loads: in a worker, never in
+    gunicorn's master. One that fails to import stops this worker's start."""
+    for name in names(modules):
+        started = time.monotonic()
+        try:
+            importlib.import_module(name)
+        except Exception as exc:
+            message = (f"TFWSGI_CUSTOM_OP_MODULES: importing {name} failed: "
+                       f"{type(exc).__name__}: {exc}")
+            log.error("tfwsgi: %s", message)
+            raise ConfigError(message) from exc
+        log.info("tfwsgi: pid %d imported custom-op module %s in %.2fs",
+                 os.getpid(), name, time.monotonic() - started)
 
 
 def _batcher(settings: Settings) -> Batcher | None:

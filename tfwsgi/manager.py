@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .errors import Code, InvalidArgument, NotFound, TFWSGIError
-from .settings import Settings
+from .settings import Settings, names
 from .source import AspiredVersions, ModelConfig, Source, model_configs
 
 log = logging.getLogger("tfwsgi")
@@ -314,7 +314,7 @@ def manager_from_settings(settings: Settings) -> ModelManager:
     def loader(name: str, version: int, path: str) -> Any:
         from .servable import Servable
 
-        servable = Servable(name, version, path)
+        servable = Servable(name, version, path, names(settings.saved_model_tags))
         if settings.enable_model_warmup:
             servable.warmup(settings.num_request_iterations_for_warmup)
         return servable

@@ -11,7 +11,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +49,7 @@ finally:
 log = logging.getLogger("tfwsgi")
 
 
+SERVE_TAGS = ("serve",)  # TF Serving's default --saved_model_tags (tag_constants.h kSavedModelTagServe)
 WARMUP_FILE = "tf_serving_warmup_requests"
 MAX_WARMUP_RECORDS = 1000
 CLASSIFY_INPUTS = "inputs"
@@ -129,8 +130,9 @@ def _shape(shape: Any) -> str:
     return "[" + ",".join("-1" if d is None else str(d) for d in dims) + "]"
 
 
-def _read_meta_graph(path: str) -> Any:
-    """The SavedModel's MetaGraphDef tagged ``serve`` (as TF Serving loads it)."""
+def _read_meta_graph(path: str, tags: Collection[str] = SERVE_TAGS) -> Any:
+    """The SavedModel's MetaGraphDef whose tags are exactly ``tags`` (TF Serving's
+    ``--saved_model_tags``), found as TensorFlow's loader finds it."""
     sm = saved_model_pb2.SavedModel()
     pb = os.path.join(path, "saved_model.pb")
     pbtxt = os.path.join(path, "saved_model.pbtxt")
@@ -146,10 +148,15 @@ def _read_meta_graph(path: str) -> Any:
             text_format.Parse(f.read(), sm)
     else:
         raise NotFound(f"SavedModel file does not exist at: {path}")
+    # tensorflow/cc/saved_model/reader.cc, FindMetaGraphDef: the first meta graph whose tag set
+    # equals the supplied one; otherwise NOT_FOUND, worded as below.
+    wanted = set(tags)
     for mg in sm.meta_graphs:
-        if "serve" in mg.meta_info_def.tags:
+        if set(mg.meta_info_def.tags) == wanted:
             return mg
-    raise NotFound(f"Could not find meta graph def matching supplied tags: {{ serve }} in {path}")
+    raise NotFound(f"Could not find meta graph def matching supplied tags: {{ {' '.join(sorted(wanted))} }}. "
+                   "To inspect available tag-sets in the SavedModel, please use the SavedModel CLI: "
+                   "`saved_model_cli`")
 
 
 def _flat_order(fn: Any, names: set[str]) -> tuple[str, ...] | None:
@@ -172,18 +179,18 @@ def _flat_order(fn: Any, names: set[str]) -> tuple[str, ...] | None:
 class Servable:
     """A loaded SavedModel version."""
 
-    def __init__(self, name: str, version: int, path: str) -> None:
+    def __init__(self, name: str, version: int, path: str, tags: Collection[str] = SERVE_TAGS) -> None:
         self.name = name
         self.version = version
         self.path = path
-        meta_graph = _read_meta_graph(path)
+        meta_graph = _read_meta_graph(path, tags)
         sig_map = get_model_metadata_pb2.SignatureDefMap()
         for key, sig in meta_graph.signature_def.items():
             sig_map.signature_def[key].CopyFrom(sig)
         self.signature_def_map: dict[str, Any] = json_format.MessageToDict(
             sig_map, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
         try:
-            self._model = tf.saved_model.load(path, tags=["serve"])
+            self._model = tf.saved_model.load(path, tags=sorted(set(tags)))
         except tf.errors.OpError as exc:
             raise TFWSGIError(exc.message, exc.error_code) from None
         self.signatures: dict[str, Signature] = {}

@@ -53,6 +53,23 @@ def _positive(value: int) -> None:
         raise ValueError(f"must be > 0, got {value}")
 
 
+def _tags(value: str) -> None:
+    if not names(value):
+        raise ValueError("must name at least one tag")
+
+
+def _module_names(value: str) -> None:
+    for name in names(value):
+        if not all(part.isidentifier() for part in name.split(".")):
+            raise ValueError(f"{name!r} is not a Python module name")
+
+
+def names(value: str) -> tuple[str, ...]:
+    """The items of a comma-separated setting (``saved_model_tags``, ``custom_op_modules``),
+    stripped, empty ones left out."""
+    return tuple(item.strip() for item in value.split(",") if item.strip())
+
+
 def setting(default: T, doc: str, validate: Callable[[T], None] | None = None, secret: bool = False) -> T:
     """Declare one setting as a ``Settings`` field: the field's name is the TF Serving flag, its
     annotation the type, ``TFWSGI_<NAME>`` the environment variable; ``validate`` raises
@@ -75,6 +92,15 @@ class Settings:
     model_config_file: str = setting("",
             "TF Serving `ModelServerConfig` text proto (`model_config_list { config { … } }`); "
             "overrides `model_name`/`model_base_path`.")
+    saved_model_tags: str = setting("serve",
+            "Comma-separated tags of the meta graph loaded from every SavedModel (TF Serving's "
+            "`--saved_model_tags`); a version with no meta graph of exactly these tags fails to "
+            "load, with TF Serving's message.", _tags)
+    custom_op_modules: str = setting("",
+            "Comma-separated Python modules each worker imports before it loads a model, for "
+            "models with custom ops (`tensorflow_text` registers its ops on import; TF Serving "
+            "needs a custom build for them). Never imported in gunicorn's master; a module that "
+            "fails to import stops the worker's start.", _module_names)
     tensorflow_intra_op_parallelism: int = setting(0,
             "Threads one op may use in each worker. 0 fits it to the machine: "
             "cores ÷ workers, at least 1 (TF's own 0 would give every worker every core).",

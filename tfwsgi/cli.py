@@ -190,20 +190,22 @@ def parse(argv: Sequence[str], environ: Mapping[str, str]) -> Invocation:
         raise UsageError("--enable_signature_method_name_check=true is not supported: tfwsgi does "
                          "not check signature method names (TF Serving's default, false)")
     try:
-        current = from_env(environ)
+        configured = with_env_file(environ, set())[0]  # what gunicorn_conf.py will apply too
+        current = from_env(configured)
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
     _session_parallelism(given, current.tensorflow_intra_op_parallelism,
                          current.tensorflow_inter_op_parallelism)
     notes: list[str] = []
     if not any(f in given for f in MODEL_FLAGS) and not any(
-            _SETTINGS[f].env in environ for f in MODEL_FLAGS):
+            _SETTINGS[f].env in configured for f in MODEL_FLAGS):
         name = environ.get(DOCKER_MODEL_NAME[0]) or DOCKER_MODEL_NAME[1]
         base = environ.get(DOCKER_MODEL_BASE_PATH[0]) or DOCKER_MODEL_BASE_PATH[1]
         given["model_name"], given["model_base_path"] = name, f"{base}/{name}"
         notes.append(f"no model flags: serving model {name!r} from {base}/{name} "
                      "($MODEL_BASE_PATH/$MODEL_NAME, as TF Serving's Docker image does)")
-    port = given.pop("port", EXTRA_FLAGS["port"].default)
+    grpc = "port" not in _SETTINGS  # issue 19 adds TFWSGI_PORT, and the flag becomes that setting
+    port = given.pop("port", EXTRA_FLAGS["port"].default) if grpc else None
     env = dict(environ)
     env.update({_SETTINGS[n].env: _env_text(v) for n, v in given.items()})
     try:
@@ -211,7 +213,7 @@ def parse(argv: Sequence[str], environ: Mapping[str, str]) -> Invocation:
         model_configs(settings)
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
-    if "port" not in _SETTINGS:  # issue 19 adds TFWSGI_PORT, and with it the flag
+    if grpc:
         notes.append(f"gRPC is not served yet: --port={port} ignored; the REST API is on port "
                      f"{settings.rest_api_port}")
     return Invocation("serve", env, tuple(notes))

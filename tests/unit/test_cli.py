@@ -202,3 +202,20 @@ def test_the_command_stays_tensorflow_free() -> None:
     code = ("import sys, tfwsgi.cli, tfwsgi.__main__\n"
             "assert not [m for m in sys.modules if m.split('.')[0] == 'tensorflow'], 'imported'\n")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=60)
+
+
+def test_an_env_file_naming_the_model_leaves_the_docker_convention_out(tmp_path: Path) -> None:
+    env_file = tmp_path / "tfwsgi.env"
+    env_file.write_text("TFWSGI_MODEL_BASE_PATH=/srv/from-file\n")
+    invocation = serve(env={"TFWSGI_ENV_FILE": str(env_file)})
+    assert "TFWSGI_MODEL_BASE_PATH" not in invocation.env  # gunicorn_conf.py applies the file
+    assert not [n for n in invocation.notes if "MODEL_BASE_PATH" in n]
+
+
+def test_with_a_port_setting_the_flag_is_that_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tfwsgi.settings import Setting
+
+    monkeypatch.setitem(cli._SETTINGS, "port", Setting("port", int, 8500, "gRPC port"))
+    invocation = serve(*MODEL, "--port=9500")
+    assert invocation.env["TFWSGI_PORT"] == "9500"
+    assert not [n for n in invocation.notes if "gRPC" in n]

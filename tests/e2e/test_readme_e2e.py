@@ -83,3 +83,37 @@ def test_readme_curl_example(make_serve, command, expected):
         assert out.stdout.replace("\r\n", "\n").strip() == expected.strip()
     else:
         assert json.loads(out.stdout) == want
+
+
+def test_readme_drop_in_command_serves_the_demo_model(make_serve, tmp_path):
+    """The README's `tfwsgi-model-server …` block, run as written (after `make serve` built the
+    demo model), on free ports; then the README's first predict example against it."""
+    text = (ROOT / "README.md").read_text()
+    (block,) = [b for b in re.findall(r"```sh\n(.*?)```", text, re.S) if "tfwsgi-model-server" in b]
+    port = free_port()
+    command = block.replace("--rest_api_port=8501", f"--rest_api_port={port}")
+    command = command.replace("--port=8500", f"--port={free_port()}")  # gRPC's, once it is served
+    assert command != block, "the block no longer names --rest_api_port=8501"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TFWSGI_")}
+    log_path = tmp_path / "drop-in.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(["bash", "-c", command], cwd=ROOT, env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}/v1/models/half_plus_two:predict"
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                r = requests.post(url, json={"instances": [1.0, 2.0, 5.0]}, timeout=10)
+                break
+            except requests.ConnectionError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(log_path.read_text(errors="replace")[-4000:]) from None
+                time.sleep(0.3)
+        assert r.json() == {"predictions": [2.5, 3.0, 4.5]}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)

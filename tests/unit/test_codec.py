@@ -30,10 +30,25 @@ def test_parse_json_accepts_nan_and_infinity():
     assert np.isnan(doc["inputs"][0]) and doc["inputs"][1:] == [np.inf, -np.inf, 1.5]
 
 
-@pytest.mark.parametrize("body", [b"", b"  \n", b"{", b"[1]", b"null", b'"x"', b"{}}", b"\xff"])
-def test_parse_json_rejects(body):
-    with raises("JSON"):
+@pytest.mark.parametrize(("body", "message"), [
+    (b"", "JSON Parse error: The document is empty"),  # TF Serving's own check: no offset
+    (b"  \n", "JSON Parse error: The document is empty. at offset: 3"),
+    (b"{", "JSON Parse error: Missing a name for object member. at offset: 1"),
+    (b"\xff", "JSON Parse error: Invalid value. at offset: 0"),
+    (b"[1]", "JSON Value: [1] Is not object"),
+    (b"null", "JSON Value: null Is not object"),
+    (b'"x"', 'JSON Value: "x" Is not object'),
+])
+def test_parse_json_rejects(body, message):
+    with pytest.raises(InvalidArgument) as info:
         codec.parse_json(body)
+    assert info.value.message == message
+
+
+def test_parse_json_stops_after_the_root_as_tf_serving_does():
+    """kParseStopWhenDoneFlag: what follows the root object is not read."""
+    assert codec.parse_json(b'{"instances": [1]}}') == {"instances": [1]}
+    assert codec.parse_json(b'{"instances": [NaN]} and more')["instances"][0] != 0
 
 
 def test_parse_json_deep_nesting_is_an_error_not_a_crash():

@@ -339,7 +339,8 @@ def decode_predict(doc: Mapping[str, Any],
                    inputs: Mapping[str, np.dtype]) -> tuple[dict[str, np.ndarray], str]:
     """The input tensors of a predict request, and whether it was row or columnar."""
     if not inputs:
-        raise InvalidArgument("Failed to get input map for signature")
+        name = doc.get("signature_name") or "DEFAULT"  # json_tensor.cc FillPredictRequestFromJson
+        raise InvalidArgument(f"Failed to get input map for signature: {name}")
     has_instances = "instances" in doc
     has_inputs = "inputs" in doc
     if has_instances and has_inputs:

@@ -12,6 +12,12 @@ Known, deliberate differences from TF Serving, all about text rather than values
 - a string output that is not valid UTF-8 is written as ``{"b64": …}`` (TF Serving writes the
   raw bytes, which is not valid JSON);
 - on the fast path a JSON ``true`` mixed into numbers is read as 1 (TF Serving rejects it).
+
+Reading a body: orjson reads it; a body orjson refuses is read as TF Serving's RapidJSON reads it
+(``jsonscan``), so a malformed body gets RapidJSON's message and offset. Differences there: a zero
+with an exponent past 308 (``0e309``), which RapidJSON refuses as too big, is read as 0 (orjson
+reads it); with duplicate keys the last one counts (RapidJSON's FindMember finds the first); see
+``jsonscan`` for strings that are not UTF-8 and nesting deeper than 1024 levels.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from . import jsonscan
 from .errors import InvalidArgument
 
 ROW = "row"
@@ -33,6 +40,8 @@ COLUMNAR = "columnar"
 
 _DUMPS_OPTS = orjson.OPT_SERIALIZE_NUMPY
 _NONFINITE = re.compile(rb"NaN|Infinity")
+_HIGH_SURROGATE = re.compile(rb"\\u[dD][89abAB]")
+_RISKY_NUMBER = re.compile(r"[eE][+-]?[0-9]{3}|[0-9]{300}")
 _MAX_DEBUG_BYTES = 256
 _MAX_RANK = 32
 STRING = np.dtype(object)
@@ -84,20 +93,59 @@ def _json_type(value: Any) -> str:
     return "Number"
 
 
+class _NotSure(Exception):
+    """Python's reading of a number or string might not be RapidJSON's: let jsonscan decide."""
+
+
+def _plain_int(text: str) -> int:
+    if len(text) > 18:  # past 64 bits RapidJSON reads a double (or refuses it as too big)
+        raise _NotSure
+    return int(text)
+
+
+def _plain_float(text: str) -> float:
+    if _RISKY_NUMBER.search(text):  # where RapidJSON's "Number too big" checks could fire
+        raise _NotSure
+    return float(text)
+
+
+def _nonfinite(text: str) -> float:
+    return float(text)  # NaN, Infinity, -Infinity
+
+
+def _python_json(body: bytes) -> Any:
+    """The document by Python's (C) parser when it reads it as RapidJSON does, else _NotSure.
+    For bodies with NaN or Infinity, which orjson refuses and which may be large."""
+    if _HIGH_SURROGATE.search(body):  # RapidJSON refuses a lone one; Python takes it
+        raise _NotSure
+    try:
+        return json.loads(body, parse_int=_plain_int, parse_float=_plain_float,
+                          parse_constant=_nonfinite)
+    except (ValueError, RecursionError):  # invalid, trailing values, not UTF-8, too deep
+        raise _NotSure from None
+
+
 def parse_json(body: bytes) -> dict[str, Any]:
-    """Parse a request body into its top-level JSON object."""
-    if not body.strip():
+    """Parse a request body into its top-level JSON object.
+
+    orjson reads every body it can; only when it refuses one is the body read as TF Serving's
+    RapidJSON reads it (``jsonscan``): that gives TF Serving's words and offset for a malformed
+    body, and accepts what TF Serving accepts and orjson does not (NaN and Infinity, values after
+    the root, a byte order mark)."""
+    if not body:  # TF Serving's own check, before RapidJSON's (json_tensor.cc, ParseJson)
         raise InvalidArgument("JSON Parse error: The document is empty")
     try:
         doc = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        # orjson rejects NaN/Infinity, which TF Serving accepts (kParseNanAndInfFlag).
-        if not _NONFINITE.search(body):
-            raise InvalidArgument(f"JSON Parse error: {exc}") from None
+    except orjson.JSONDecodeError:
         try:
-            doc = json.loads(body)
-        except (ValueError, RecursionError) as exc2:
-            raise InvalidArgument(f"JSON Parse error: {exc2}") from None
+            if not _NONFINITE.search(body):
+                raise _NotSure
+            doc = _python_json(body)
+        except _NotSure:
+            try:
+                doc = jsonscan.parse(body)
+            except jsonscan.ParseError as exc:
+                raise InvalidArgument(f"JSON Parse error: {exc}") from None
     if not isinstance(doc, dict):
         raise InvalidArgument(f"JSON Value: {debug_string(doc)} Is not object")
     return doc
@@ -291,7 +339,8 @@ def decode_predict(doc: Mapping[str, Any],
                    inputs: Mapping[str, np.dtype]) -> tuple[dict[str, np.ndarray], str]:
     """The input tensors of a predict request, and whether it was row or columnar."""
     if not inputs:
-        raise InvalidArgument("Failed to get input map for signature")
+        name = doc.get("signature_name") or "DEFAULT"  # json_tensor.cc FillPredictRequestFromJson
+        raise InvalidArgument(f"Failed to get input map for signature: {name}")
     has_instances = "instances" in doc
     has_inputs = "inputs" in doc
     if has_instances and has_inputs:

@@ -260,9 +260,10 @@ def post_fork(server: Any, worker: Any) -> None:
     tf_threads = fitted_threads(from_env(), server.cfg.workers)
     os.environ.setdefault("OMP_NUM_THREADS", str(tf_threads[0]))
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
-    from .servable import configure_threads
+    from .servable import configure_threads, initialize_runtime
 
     configure_threads(*tf_threads)
+    initialize_runtime()  # here, where its CUDA probe's lines can be left out of the log
     _limit_malloc_arenas()
     worker.tfwsgi = WorkerSetup(started, heartbeat, tf_threads)
 

@@ -20,6 +20,7 @@ from google.protobuf import json_format, text_format
 from google.protobuf.message import DecodeError
 
 from . import codec, dense
+from .cudalog import quiet_cuda_probe
 from .errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound, TFWSGIError, Unimplemented
 from .interfaces import DEFAULT_SIGNATURE, signature_by_name
 
@@ -39,10 +40,11 @@ class _KerasOnFirstUse(importlib.abc.MetaPathFinder):
 _deferral = _KerasOnFirstUse()
 sys.meta_path.insert(0, _deferral)
 try:
-    import tensorflow as tf
-    from tensorflow.core.example import example_pb2, feature_pb2
-    from tensorflow.core.protobuf import saved_model_pb2
-    from tensorflow_serving.apis import get_model_metadata_pb2
+    with quiet_cuda_probe():  # the import probes for CUDA: see cudalog
+        import tensorflow as tf
+        from tensorflow.core.example import example_pb2, feature_pb2
+        from tensorflow.core.protobuf import saved_model_pb2
+        from tensorflow_serving.apis import get_model_metadata_pb2
 finally:
     sys.meta_path.remove(_deferral)
 
@@ -66,6 +68,15 @@ def runtime_initialized() -> bool:
     from tensorflow.python.eager import context
 
     return bool(context.context()._initialized)
+
+
+def initialize_runtime() -> None:
+    """Start TensorFlow's runtime now (device discovery probes for CUDA: see cudalog); in a
+    worker only, after configure_threads."""
+    from tensorflow.python.eager import context
+
+    with quiet_cuda_probe():
+        context.ensure_initialized()
 
 
 def configure_threads(intra_op: int, inter_op: int) -> None:

@@ -30,10 +30,25 @@ def test_parse_json_accepts_nan_and_infinity():
     assert np.isnan(doc["inputs"][0]) and doc["inputs"][1:] == [np.inf, -np.inf, 1.5]
 
 
-@pytest.mark.parametrize("body", [b"", b"  \n", b"{", b"[1]", b"null", b'"x"', b"{}}", b"\xff"])
-def test_parse_json_rejects(body):
-    with raises("JSON"):
+@pytest.mark.parametrize(("body", "message"), [
+    (b"", "JSON Parse error: The document is empty"),  # TF Serving's own check: no offset
+    (b"  \n", "JSON Parse error: The document is empty. at offset: 3"),
+    (b"{", "JSON Parse error: Missing a name for object member. at offset: 1"),
+    (b"\xff", "JSON Parse error: Invalid value. at offset: 0"),
+    (b"[1]", "JSON Value: [1] Is not object"),
+    (b"null", "JSON Value: null Is not object"),
+    (b'"x"', 'JSON Value: "x" Is not object'),
+])
+def test_parse_json_rejects(body, message):
+    with pytest.raises(InvalidArgument) as info:
         codec.parse_json(body)
+    assert info.value.message == message
+
+
+def test_parse_json_stops_after_the_root_as_tf_serving_does():
+    """kParseStopWhenDoneFlag: what follows the root object is not read."""
+    assert codec.parse_json(b'{"instances": [1]}}') == {"instances": [1]}
+    assert codec.parse_json(b'{"instances": [NaN]} and more')["instances"][0] != 0
 
 
 def test_parse_json_deep_nesting_is_an_error_not_a_crash():
@@ -298,3 +313,46 @@ def test_encode_classify_and_regress():
     assert json.loads(codec.encode_classify(None, scores, 1)) == {"results": [[["", 0.25], ["", 0.75]]]}
     assert json.loads(codec.encode_classify(classes, None, 1)) == {"results": [[["a", 0.0], ["b", 0.0]]]}
     assert codec.encode_regress(np.array([[1.5], [2.0]], np.float32)) == b'{"results":[1.5,2.0]}'
+
+
+@pytest.mark.parametrize(("doc", "name"), [({"instances": [1]}, "DEFAULT"),
+                                           ({"signature_name": "s", "instances": [1]}, "s")])
+def test_a_signature_without_inputs_is_named_as_tf_serving_names_it(doc, name):
+    with pytest.raises(InvalidArgument) as info:
+        codec.decode_predict(doc, {})
+    assert info.value.message == f"Failed to get input map for signature: {name}"
+
+
+# tensorflow_serving/util/json_tensor_test.cc, SingleUnnamedTensorErrors and
+# MultipleNamedTensorErrors: each body with the substring TF Serving's test asserts.
+_NAMED = {"int_tensor": I32, "str_tensor": STR}
+_TF_SERVING_ERRORS = [
+    (b"", {"default": I32}, "document is empty"),
+    (b'{"signature_name": 5, "instances": [[1,2],[3,4],[5,6,7]]}', {"default": I32},
+     "must be a string value"),
+    (b'{"instances": [[1,2],[3,4],[5,6,7]], "inputs": [[1,2],[3,4],[5,6,7]]}', {"default": I32},
+     "Not formatted correctly"),
+    (b'{"instances": [[1,2],[3,4],[5,6,7]]}', {"default": I32}, "Expecting tensor size"),
+    (b'{"instances": [[1,2],[3,4],[[5,6]]]}', {"default": I32}, "Expecting shape"),
+    (b'{"instances": [1, [1]]}', {"default": I32}, "Expecting shape"),
+    (b'{"instances": [[1,2],["a", "b"]]}', {"default": I32}, "not of expected type"),
+    (b'{"instances": [{"int_tensor": [[1,2],[3,4],[5,6]], "str_tensor": ["foo", "bar"]},'
+     b' {"int_tensor": [[[7,8],[9,0],[1,2]]], "str_tensor": ["baz", "bat"]}]}', _NAMED, "Expecting shape"),
+    (b'{"instances": [{"int_tensor": [[1,2],[3,4],[5,6],[7,8]], "str_tensor": ["foo", "bar"]},'
+     b' {"int_tensor": [[7,8],[9,0],[1,2]], "str_tensor": ["baz", "bat"]}]}', _NAMED,
+     "Expecting tensor size"),
+    (b'{"instances": [{"int_tensor": [[1,2],[3,4],[5,6]], "str_tensor": ["foo", "bar"]}, [1, 20, 30],'
+     b' {"int_tensor": [[[7,8],[9,0],[1,2]]], "str_tensor": ["baz", "bat"]}]}', _NAMED,
+     "Expecting object but got list"),
+    (b'{"instances": [["baz", "bar"], {"str_tensor": ["baz", "bat"]}]}', {"str_tensor": STR},
+     "Expecting value/list but got object"),
+]
+
+
+@pytest.mark.parametrize(("body", "inputs", "substring"), _TF_SERVING_ERRORS)
+def test_tf_serving_json_tensor_test_errors(body, inputs, substring):
+    with pytest.raises(InvalidArgument) as info:
+        doc = codec.parse_json(body)
+        codec.signature_name(doc)  # as the REST layer does, first
+        codec.decode_predict(doc, inputs)
+    assert substring in info.value.message

@@ -356,3 +356,18 @@ def test_tf_serving_json_tensor_test_errors(body, inputs, substring):
         codec.signature_name(doc)  # as the REST layer does, first
         codec.decode_predict(doc, inputs)
     assert substring in info.value.message
+
+
+def test_a_malformed_body_past_the_scan_limit_gets_orjsons_words_not_a_rescan() -> None:
+    """The exact (pure-Python) reader is not run on bodies past SCAN_LIMIT: their error is
+    orjson's; below it, RapidJSON's words and offset."""
+    body = b'{"instances": [' + b'{"a": 1.5, "b": [1,2]}, ' * (codec.SCAN_LIMIT // 20) + b'{"a" 1}]}'
+    assert len(body) > codec.SCAN_LIMIT
+    with pytest.raises(InvalidArgument) as refused:
+        codec.parse_json(body)
+    assert refused.value.message.startswith("JSON Parse error: ")
+    assert "at offset" not in refused.value.message and "colon" not in refused.value.message
+    small = b'{"instances": [{"a" 1}]}'
+    with pytest.raises(InvalidArgument) as refused:
+        codec.parse_json(small)
+    assert refused.value.message.endswith("Missing a colon after a name of object member. at offset: 20")

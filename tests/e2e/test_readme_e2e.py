@@ -18,6 +18,15 @@ from conftest import ROOT, free_port
 pytestmark = pytest.mark.e2e
 
 
+def stop_group(proc: subprocess.Popen) -> None:
+    """Stop a command started in its own process group (make, gunicorn and its workers)."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
 def readme_examples() -> list[tuple[str, str]]:
     """(command, expected output) for each `$ curl …` line in the README's console blocks."""
     text = (ROOT / "README.md").read_text()
@@ -63,11 +72,7 @@ def make_serve(tmp_path_factory):
         assert requests.get(f"http://127.0.0.1:{port}/v1/models/half_plus_two", timeout=10).ok
         yield port
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_group(proc)
 
 
 @pytest.mark.parametrize(("command", "expected"), readme_examples(), ids=lambda v: v[:60])
@@ -112,8 +117,4 @@ def test_readme_drop_in_command_serves_the_demo_model(make_serve, tmp_path):
                 time.sleep(0.3)
         assert r.json() == {"predictions": [2.5, 3.0, 4.5]}
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_group(proc)

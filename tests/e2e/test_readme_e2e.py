@@ -71,6 +71,11 @@ def make_serve(tmp_path_factory):
             time.sleep(0.3)
         assert requests.get(f"http://127.0.0.1:{port}/v1/models/half_plus_two", timeout=10).ok
         yield port
+        # A clean start on a CPU-only machine (issue 18): no CUDA lines in make serve's log.
+        if not os.path.exists("/proc/driver/nvidia"):
+            cuda = [line for line in log_path.read_text(errors="replace").splitlines()
+                    if re.search(r"cuda|cuinit|cudart", line, re.IGNORECASE)]
+            assert not cuda, cuda
     finally:
         stop_group(proc)
 

@@ -125,7 +125,7 @@ class Signature:
             raise InvalidArgument(str(exc)) from None
         if not isinstance(result, Mapping):
             result = {"output_0": result}
-        return {k: v.numpy() for k, v in result.items()}
+        return {k: _array(v.numpy()) for k, v in result.items()}
 
 
 # What Python's runtime adds around an op's status message (tensorflow/python/eager/execute.py:
@@ -147,6 +147,15 @@ def op_message(message: str) -> str:
         while lines and (not lines[0] or lines[0].startswith("  ") or lines[0] == _NO_TRACES):
             lines = lines[1:]
     return _EAGER_TAIL.sub("", "\n".join(lines)) if lines else message
+
+
+def _array(value: Any) -> np.ndarray:
+    """A tensor's value as an array: a scalar string's ``numpy()`` is bare ``bytes``."""
+    if isinstance(value, bytes):
+        out = np.empty((), dtype=object)
+        out[()] = value
+        return out
+    return value
 
 
 def _shape(shape: Any) -> str:

@@ -112,9 +112,9 @@ class Signature:
         ``export``) both run the tensors as given, where the public call of a TF2 function would
         refuse a shape other than the declared one before running anything."""
         codec.check_input_names(inputs, self.inputs)
-        feeds = {key: tf.constant(arr, dtype=tf.string if arr.dtype.kind == "O" else None)
-                 for key, arr in inputs.items()}
         try:
+            feeds = {key: tf.constant(arr, dtype=tf.string if arr.dtype.kind == "O" else None)
+                     for key, arr in inputs.items()}
             if self.flat_order is not None:
                 result = self.fn._call_flat([feeds[k] for k in self.flat_order], self.fn.captured_inputs)
             else:

@@ -3,8 +3,13 @@
 Requests on the same signature that arrive within ``batch_timeout_micros`` of each other are
 concatenated along the 0th dimension (up to ``max_batch_size`` rows, padded up to the next of
 ``allowed_batch_sizes``), run once, and each gets its own rows back; if the run fails, every
-waiter gets the error. When ``max_enqueued_batches`` batches are already waiting, a request is
-refused as TF Serving refuses it (UNAVAILABLE, 503). Batching helps when a worker has several
+waiter gets the error. Only requests whose tensors concatenate are merged (same names, dtypes and
+dimensions after the 0th; scalars and inputs of different 0th dimensions run on their own): the
+shapes a signature declares are not checked, so shapes vary as the graph allows. (TF Serving's
+batching session refuses tensors of one name whose shapes differ after the 0th dimension unless
+``pad_variable_length_inputs``; here they are batched apart instead.) When
+``max_enqueued_batches`` batches are already waiting, a request is refused as TF Serving refuses
+it (UNAVAILABLE, 503). Batching helps when a worker has several
 requests in flight at once: the default worker class runs ``threads`` requests at once.
 """
 
@@ -77,7 +82,7 @@ def _held_lock() -> threading.Lock:
     return lock
 
 
-@dataclass
+@dataclass(eq=False)  # tasks are removed from a deque by identity: never compare their arrays
 class _Task:
     inputs: Mapping[str, np.ndarray]
     run: Run  # the signature: a task, not its queue, holds the servable (and its weights)
@@ -230,6 +235,14 @@ class Batcher(Listener):
             for task in batch:
                 task.done.release()
 
+    def _run_alone(self, task: _Task) -> None:
+        try:
+            task.result = task.run(task.inputs)
+        except BaseException as exc:
+            task.error = exc
+        if self._on_batch:
+            self._on_batch(task.rows, task.rows)
+
     def _padded(self, rows: int) -> int:
         for size in self.params.allowed_batch_sizes:
             if size >= rows:
@@ -252,11 +265,14 @@ class Batcher(Listener):
                 parts.append(np.repeat(last, padded - rows, axis=0))
             merged[name] = np.concatenate(parts, axis=0)
         outputs = batch[0].run(merged)
-        for name, out in outputs.items():
-            if out.ndim == 0 or out.shape[0] != padded:
-                raise InvalidArgument(
-                    f"Batched output {name} has shape {list(out.shape)}, expected {padded} rows: "
-                    "this signature cannot be batched")
+        if any(out.ndim == 0 or out.shape[0] != padded for out in outputs.values()):
+            # No rows to split (the signature reduces over its batch, or its outputs do not follow
+            # its inputs' 0th dimension: declared shapes are not checked, so any graph gets here).
+            # Each request then runs on its own and gets what it would get without batching,
+            # whatever else was in flight.
+            for task in batch:
+                self._run_alone(task)
+            return
         if self._on_batch:
             self._on_batch(rows, padded)
         start = 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.abc
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -110,28 +111,63 @@ class Signature:
     flat_order: tuple[str, ...] | None = None  # see _flat_order
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run on decoded inputs (already of the signature's dtypes); TF errors keep their code."""
+        """Run on decoded inputs (already of the signature's dtypes); TF errors keep their code.
+
+        The shapes the signature declares are not checked, as TF Serving does not check them:
+        tensorflow_serving/servables/tensorflow/predict_util.cc (``PreProcessPrediction``) checks
+        the input names and turns the request's tensors into Tensors
+        (``saved_model::GetInputValues``), and ``session->Run`` feeds them into the graph; a shape
+        the graph cannot take fails in the op that cannot take it, with that op's status
+        (INVALID_ARGUMENT, "Matrix size-incompatible: In[0]: [1,3], In[1]: [4,3]" …). Calling
+        the function flat does the same here: TF1 graphs (``SavedModelBuilder``, estimators),
+        loaded as pruned wrapped functions, and TF2 functions (``tf.saved_model.save``, Keras 3
+        ``export``) both run the tensors as given, where the public call of a TF2 function would
+        refuse a shape other than the declared one before running anything."""
         codec.check_input_names(inputs, self.inputs)
-        feeds = {}
-        for key, arr in inputs.items():
-            shape = self.input_shapes[key]
-            if not shape.is_compatible_with(arr.shape):
-                raise InvalidArgument(
-                    f"Input '{key}' has shape {_shape(arr.shape)}, which does not match the "
-                    f"signature's shape {_shape(shape)}")
-            feeds[key] = tf.constant(arr, dtype=tf.string if arr.dtype.kind == "O" else None)
         try:
+            feeds = {key: tf.constant(arr, dtype=tf.string if arr.dtype.kind == "O" else None)
+                     for key, arr in inputs.items()}
             if self.flat_order is not None:
                 result = self.fn._call_flat([feeds[k] for k in self.flat_order], self.fn.captured_inputs)
             else:
                 result = self.fn(**feeds)
         except tf.errors.OpError as exc:
-            raise TFWSGIError(exc.message, exc.error_code) from None
+            raise TFWSGIError(op_message(exc.message), exc.error_code) from None
         except (TypeError, ValueError) as exc:
             raise InvalidArgument(str(exc)) from None
         if not isinstance(result, Mapping):
             result = {"output_0": result}
-        return {k: v.numpy() for k, v in result.items()}
+        return {k: _array(v.numpy()) for k, v in result.items()}
+
+
+# What Python's runtime adds around an op's status message (tensorflow/python/eager/execute.py:
+# "Graph execution error:", the "Detected at node … defined at" trace, " [Op:…]"); TF Serving
+# answers with the status message alone: "<the op's message>\n\t [[{{node <name>}}]]".
+_NO_TRACES = "<stack traces unavailable>"
+_EAGER_TAIL = re.compile(r" \[Op:[^\]]*\](?: name: [^\n]*)?\Z")
+
+
+def op_message(message: str) -> str:
+    """A TF error message as the op's status gives it (and TF Serving answers it)."""
+    lines = message.split("\n")
+    if lines[0] == "Graph execution error:":
+        lines = lines[1:]
+        while lines and not lines[0]:
+            lines = lines[1:]
+    if lines and lines[0].startswith("Detected at node ") and len(lines) > 1:
+        lines = lines[1:]
+        while lines and (not lines[0] or lines[0].startswith("  ") or lines[0] == _NO_TRACES):
+            lines = lines[1:]
+    return _EAGER_TAIL.sub("", "\n".join(lines)) if lines else message
+
+
+def _array(value: Any) -> np.ndarray:
+    """A tensor's value as an array: a scalar string's ``numpy()`` is bare ``bytes``."""
+    if isinstance(value, bytes):
+        out = np.empty((), dtype=object)
+        out[()] = value
+        return out
+    return value
 
 
 def _shape(shape: Any) -> str:

@@ -51,10 +51,9 @@ def _shape_text(shape: Shape) -> str:
     return "[" + ",".join("-1" if d is None else str(d) for d in shape) + "]"
 
 
-def _compatible(shape: Shape, actual: tuple[int, ...]) -> bool:
-    if shape is None:
-        return True
-    return len(shape) == len(actual) and all(d is None or d == a for d, a in zip(shape, actual, strict=True))
+def op_error(message: str, node: str) -> TFWSGIError:
+    """An op's INVALID_ARGUMENT as ``servable.Signature.run`` answers it (TF's status message)."""
+    return TFWSGIError(f"{message}\n\t [[{{{{node {node}}}}}]]", 3)
 
 
 def _tensor_info(name: str, dtype: np.dtype, shape: Shape) -> dict[str, Any]:
@@ -68,7 +67,8 @@ def _tensor_info(name: str, dtype: np.dtype, shape: Shape) -> dict[str, Any]:
 @dataclass
 class FakeSignature:
     """One signature: typed, shaped inputs and a numpy function, run as ``servable.Signature.run``
-    runs a SavedModel function (same checks and messages before the model runs)."""
+    runs a SavedModel function: the input names are checked, the declared shapes are not (as in
+    TF Serving); a shape the function cannot take fails in it, with the op's message."""
 
     name: str
     inputs: dict[str, np.dtype]
@@ -80,12 +80,6 @@ class FakeSignature:
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         codec.check_input_names(inputs, self.inputs)
-        for key, arr in inputs.items():
-            shape = self.input_shapes.get(key)
-            if not _compatible(shape, arr.shape):
-                raise InvalidArgument(
-                    f"Input '{key}' has shape {_shape_text(arr.shape)}, which does not match the "
-                    f"signature's shape {_shape_text(shape)}")
         self.runs += 1
         return {k: np.asarray(v) for k, v in self.fn(**inputs).items()}
 
@@ -143,6 +137,10 @@ def features(serialized: np.ndarray, name: str, default: float | None = None) ->
     # TensorFlow is already imported when a fake signature gets examples.
     from tensorflow.core.example import example_pb2
 
+    if serialized.ndim > 1:
+        shape = _shape_text(serialized.shape)
+        raise op_error(f"Expected serialized to be a scalar or vector, got shape: {shape}",
+                       "ParseExample/ParseExampleV2")
     values = []
     for data in serialized:
         feature = example_pb2.Example.FromString(data).features.feature
@@ -192,7 +190,13 @@ def half_plus_two(name: str, version: int, path: str, b: float) -> FakeServable:
 def multi(name: str, version: int, path: str) -> FakeServable:
     """tests/models.py's ``multi``: several signatures, dtypes, shapes and outputs."""
     def two_in_two_out(a: np.ndarray, b: np.ndarray) -> dict[str, np.ndarray]:
-        return {"sum": a.sum(axis=1) + b.astype(np.float32), "b_twice": b * 2}
+        if a.ndim < 2:  # tf.reduce_sum(a, axis=1)
+            raise op_error(f"Invalid reduction dimension (1 for input with {a.ndim} dimension(s)", "Sum")
+        total = a.sum(axis=1)
+        if total.shape != b.shape:  # + tf.cast(b, tf.float32), where neither broadcasts
+            raise op_error(f"Incompatible shapes: {_shape_text(b.shape)} vs. {_shape_text(total.shape)}",
+                           "add")
+        return {"sum": total + b.astype(np.float32), "b_twice": b * 2}
 
     def strings(s: np.ndarray) -> dict[str, np.ndarray]:
         return {"upper": np.array([v.upper() for v in s.reshape(-1)], dtype=object).reshape(s.shape),
@@ -235,10 +239,18 @@ def multi(name: str, version: int, path: str) -> FakeServable:
 
 
 def wide(name: str, version: int, path: str) -> FakeServable:
-    """One float input of 16 features per row (wide enough for the dense decoder): y = Σ x."""
+    """One float input of 16 features per row (wide enough for the dense decoder): y = Σ x, as
+    ``tf.linalg.matmul(x, ones([16, 1]))[:, 0]`` computes it (and fails, with MatMul's message)."""
+    def total(x: np.ndarray) -> dict[str, np.ndarray]:
+        if x.ndim != 2:
+            raise op_error(f"In[0] is not a matrix. Instead it has shape {_shape_text(x.shape)}", "MatMul")
+        if x.shape[1] != 16:
+            raise op_error(f"Matrix size-incompatible: In[0]: {_shape_text(x.shape)}, In[1]: [16,1]",
+                           "MatMul")
+        return {"y": x.sum(axis=1, dtype=np.float32)}
+
     return FakeServable(name, version, path, [
-        FakeSignature(DEFAULT_SIGNATURE, {"x": F32}, {"y": F32},
-                      lambda x: {"y": x.sum(axis=1, dtype=np.float32)}, {"x": (None, 16)})])
+        FakeSignature(DEFAULT_SIGNATURE, {"x": F32}, {"y": F32}, total, {"x": (None, 16)})])
 
 
 Builder = Callable[[str, int, str], FakeServable]

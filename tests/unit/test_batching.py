@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from tfwsgi.batching import Batcher, BatchingParameters, parse_batching_parameters
-from tfwsgi.errors import ConfigError, DeadlineExceeded, InvalidArgument, TFWSGIError, Unavailable
+from tfwsgi.errors import ConfigError, DeadlineExceeded, InvalidArgument, Unavailable
 from tfwsgi.manager import ModelManager
 from tfwsgi.source import ModelConfig
 
@@ -89,10 +89,28 @@ def test_a_failed_batch_fails_every_waiter():
     assert [str(e) for e in errors] == ["model says no"] * 4
 
 
-def test_outputs_without_a_batch_dimension_are_an_error_for_all():
+def test_outputs_without_a_batch_dimension_run_each_request_alone():
+    # Nothing to split: each request gets what it gets without batching, not an error.
     b = Batcher(BatchingParameters(max_batch_size=64, batch_timeout_micros=200_000))
-    _, errors = concurrently(b, Model(scalar_out=True), [rows(1, i) for i in range(3)])
-    assert all(isinstance(e, TFWSGIError) and "cannot be batched" in str(e) for e in errors)
+    model = Model(scalar_out=True)
+    results, errors = concurrently(b, model, [rows(1, i) for i in range(3)])
+    assert errors == [None] * 3 and [r["y"] for r in results] == [1.0] * 3
+    assert sorted(model.batches)[-1] > 1 and model.batches.count(1) >= 3
+
+
+def test_shapes_that_vary_are_batched_by_what_concatenates():
+    """Declared shapes are not checked: a signature gets ranks and widths as the graph allows.
+    Requests whose tensors concatenate share a batch; the others run in batches of their own."""
+    b = Batcher(BatchingParameters(max_batch_size=64, batch_timeout_micros=200_000))
+    model = Model()
+    inputs = [{"x": np.arange(3, dtype=np.float32)}, {"x": np.arange(2, dtype=np.float32)},
+              {"x": np.ones((2, 1), np.float32)}, {"x": np.ones((2, 2), np.float32)},
+              {"x": np.ones((1, 2), np.float32)}, {"x": np.ones((1, 2, 3), np.float32)}]
+    results, errors = concurrently(b, model, inputs)
+    assert errors == [None] * 6
+    for inp, res in zip(inputs, results, strict=True):
+        assert np.array_equal(res["y"], inp["x"] * 2)
+    assert sum(model.batches) == 11 and len(model.batches) < 6
 
 
 def test_oversize_task_and_full_queue():

@@ -48,3 +48,18 @@ def test_each_signature_is_called_flat_and_answers_as_the_public_call(tmp_path: 
         assert set(flat) == set(public), name
         for key, value in public.items():
             np.testing.assert_array_equal(flat[key], value.numpy(), err_msg=f"{name}/{key}")
+
+
+def test_op_errors_keep_the_ops_status_message_as_tf_serving_answers_it() -> None:
+    """Python's runtime wraps an op's status in its own text; the answer is the status alone."""
+    from tfwsgi.servable import op_message
+
+    status = "Matrix size-incompatible: In[0]: [2,3], In[1]: [4,3]\n\t [[{{node MatMul}}]]"
+    eager = ("Graph execution error:\n\nDetected at node MatMul defined at (most recent call last):\n"
+             f"<stack traces unavailable>\n{status} [Op:__inference_signature_wrapper_938]")
+    traced = ('Detected at node MatMul defined at (most recent call last):\n  File "x.py", line 10, in f\n\n'
+              f'  File "y.py", line 2, in g\n\n{status}')
+    assert op_message(eager) == status
+    assert op_message(traced) == status
+    assert op_message(status) == status
+    assert op_message("assertion failed: [x must be > 0]") == "assertion failed: [x must be > 0]"

@@ -67,7 +67,8 @@ def create_app(manager: ModelManager | None = None, settings: Settings | None = 
     batcher = _batcher(settings)
     if batcher is not None:
         manager.add_listener(batcher)  # it forgets a version once it is unloaded
-    app.extensions["tfwsgi"] = WorkerState(settings, DataPlane(manager, cache, batcher))
+    dataplane = DataPlane(manager, cache, batcher, settings.enable_signature_method_name_check)
+    app.extensions["tfwsgi"] = WorkerState(settings, dataplane)
 
     app.add_url_rule("/v2/health/live", "live", _live)
     app.add_url_rule("/v2/health/ready", "ready", _ready)

@@ -10,7 +10,7 @@ a SIGHUP reload re-reads the same environment and config file as under plain gun
 
 Every tfwsgi setting is a flag of the same name (``--enable_batching`` is
 ``TFWSGI_ENABLE_BATCHING``); a flag beats the environment. Besides those: ``--port`` (gRPC, not
-served yet), ``--tensorflow_session_parallelism``, ``--enable_signature_method_name_check`` and
+served yet), ``--tensorflow_session_parallelism`` and
 ``--version``. A tensorflow_model_server flag that tfwsgi does not support, or any other argument,
 is refused with one line naming it. With no model flag at all, the model is found as TF Serving's
 Docker image finds it: ``$MODEL_BASE_PATH/$MODEL_NAME`` (``/models/model``).
@@ -65,9 +65,6 @@ EXTRA_FLAGS: dict[str, Flag] = {f.name: f for f in (
     Flag("tensorflow_session_parallelism", int, 0,
          "Sets both `tensorflow_intra_op_parallelism` and `tensorflow_inter_op_parallelism` when "
          "neither is set (TF Serving's rule; setting all three is refused, as there); 0: auto."),
-    Flag("enable_signature_method_name_check", bool, False,
-         "TF Serving's default, false, is what tfwsgi does (signature method names are not "
-         "checked); `true` is refused."),
     Flag("version", bool, False, "Print the versions and exit."),
 )}
 
@@ -186,9 +183,6 @@ def parse(argv: Sequence[str], environ: Mapping[str, str]) -> Invocation:
         return Invocation("help")
     if given.pop("version", False):
         return Invocation("version")
-    if given.pop("enable_signature_method_name_check", False):
-        raise UsageError("--enable_signature_method_name_check=true is not supported: tfwsgi does "
-                         "not check signature method names (TF Serving's default, false)")
     try:
         configured = with_env_file(environ, set())[0]  # what gunicorn_conf.py will apply too
         current = from_env(configured)

@@ -17,9 +17,12 @@ import numpy as np
 from . import codec, dense, metrics
 from .batching import DEADLINE_MESSAGE, Batcher
 from .cache import Outcome, Policy, PredictionCache
-from .errors import DeadlineExceeded, TFWSGIError
+from .errors import DeadlineExceeded, Internal, TFWSGIError
 from .interfaces import DEFAULT_SIGNATURE, Servable, Signature, Tensors
 from .manager import ModelManager, VersionState
+
+SIGNATURE_METHODS = ("tensorflow/serving/predict", "tensorflow/serving/classify",
+                     "tensorflow/serving/regress")
 
 
 @dataclass(frozen=True)
@@ -92,10 +95,11 @@ class DataPlane:
     """predict, classify, regress, metadata and status on a model spec."""
 
     def __init__(self, manager: ModelManager, cache: PredictionCache,
-                 batcher: Batcher | None = None) -> None:
+                 batcher: Batcher | None = None, check_method_names: bool = False) -> None:
         self.manager = manager
         self.cache = cache
         self.batcher = batcher
+        self.check_method_names = check_method_names  # --enable_signature_method_name_check
 
     def servable(self, spec: ModelSpec) -> Servable:
         servable: Servable = self.manager.servable(spec.name, spec.version, spec.label)
@@ -108,6 +112,10 @@ class DataPlane:
             body.check()  # a malformed body is answered as such before a missing model
             raise
         sig, inputs, fmt = body.decode(servable)
+        if self.check_method_names and sig.method_name not in SIGNATURE_METHODS:
+            # tensorflow_serving/servables/tensorflow/predict_util.cc, VerifySignature
+            raise Internal(f"Expected prediction signature method_name to be one of "
+                           f"{{{', '.join(SIGNATURE_METHODS)}}}. Was: {sig.method_name}")
         batcher = self.batcher
         if batcher is None:
             run: Callable[[], Tensors] = lambda: sig.run(inputs)  # noqa: E731

@@ -146,6 +146,9 @@ class Settings:
     rest_api_port: int = setting(8501,
             "Port of the REST API when gunicorn's `-b/--bind` is not given "
             "(binds 0.0.0.0).", _port)
+    enable_signature_method_name_check: bool = setting(False,
+            "Refuse a predict on a signature whose method name is not TF Serving's predict, "
+            "classify or regress (500 INTERNAL, TF Serving's message); off by default, as in TF Serving.")
     rest_api_enable_cors_support: bool = setting(False,
             "Answer CORS preflight requests and add `Access-Control-Allow-Origin: *`.")
     rest_api_timeout_in_ms: int = setting(30_000,

@@ -100,8 +100,6 @@ def test_unknown_and_unsupported_flags_are_refused_by_name(argv: list[str], name
     ("--file_system_poll_wait_seconds=-1", "must be >= 0"),
     ("--saved_model_tags=,", "--saved_model_tags=,: must name at least one tag"),
     ("--custom_op_modules=tensorflow-text", "'tensorflow-text' is not a Python module name"),
-    ("--enable_signature_method_name_check", "--enable_signature_method_name_check=true is not "
-     "supported"),
 ])
 def test_bad_values_are_refused_with_the_flag_named(flag: str, message: str) -> None:
     assert message in refused(*MODEL, flag)

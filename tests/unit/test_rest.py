@@ -322,3 +322,26 @@ sys.exit("tensorflow" in sys.modules)
 """
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     assert subprocess.run([sys.executable, "-c", code], env=env, timeout=120).returncode == 0
+
+
+def test_the_signature_method_name_check_is_tf_servings(tmp_path):
+    """--enable_signature_method_name_check (TFWSGI_ENABLE_SIGNATURE_METHOD_NAME_CHECK): off, a
+    predict may run any signature (TF Serving's default); on, only predict/classify/regress ones."""
+    from fakes import FakeModel, FakeServable, FakeSignature
+
+    def odd(name, version, path):
+        return FakeServable(name, version, path, [FakeSignature(
+            "serving_default", {"x": np.dtype(np.float32)}, {"y": np.dtype(np.float32)},
+            lambda x: {"y": x}, {"x": (None,)}, "my/own/method")])
+
+    body = {"instances": [1.0]}
+    off = make_app(tmp_path / "off", [FakeModel("odd", {1: odd})]).test_client()
+    assert ok(off.post("/v1/models/odd:predict", json=body)) == {"predictions": [1.0]}
+    on = make_app(tmp_path / "on", [FakeModel("odd", {1: odd})],
+                  enable_signature_method_name_check=True).test_client()
+    r = on.post("/v1/models/odd:predict", json=body)
+    assert r.status_code == 500 and r.get_json() == {"error": (
+        "Expected prediction signature method_name to be one of {tensorflow/serving/predict, "
+        "tensorflow/serving/classify, tensorflow/serving/regress}. Was: my/own/method")}
+    hp = make_app(tmp_path / "hp", enable_signature_method_name_check=True).test_client()
+    assert ok(hp.post("/v1/models/hp:predict", json=body)) == {"predictions": [3.5]}  # version 2

@@ -67,7 +67,10 @@ def main(argv: list[str]) -> int:
     if os.path.exists(os.path.join(target, "saved_model.pb")):
         print(f"{target} already built")
         return 0
-    build_half_plus_two(target)
+    from .cudalog import quiet_cuda_probe
+
+    with quiet_cuda_probe():  # TensorFlow's CUDA probe lines stay out of `make serve`'s log
+        build_half_plus_two(target)
     print(f"built {target}")
     return 0
 

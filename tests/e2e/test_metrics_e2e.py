@@ -68,10 +68,12 @@ def test_totals_survive_worker_churn_and_files_stay_bounded(start_server, model_
     assert total == 300
     assert metric_total(text, ":tensorflow:serving:request_latency_count", model_name="hp") == 300
     assert metric_total(text, "tfwsgi_cache_lookups_total", model_name="hp") == 300
-    # (300 predicts + scrapes) / 20 per worker life: many restarts, each counted once.
+    # (300 predicts + scrapes) / 20 per worker life: many restarts, each counted once. A retiring
+    # worker still answers what its kept-alive connections send while it stops (Connection:
+    # close), so a life may hold a few more than 20 requests: at least 10 exits, not 15.
     exits = metric_total(text, "tfwsgi_worker_exits_total")
     started = len(set(srv.ready_pids()))  # a scrape itself may just have retired a worker: ±1
-    assert exits >= 13 and abs(exits - (started - 2)) <= 1
+    assert exits >= 10 and abs(exits - (started - 2)) <= 1
     # Live workers holding the version: both, once a worker a scrape just retired is replaced.
     deadline = time.monotonic() + 20
     while metric_total(text, "tfwsgi_model_version_state", model_name="hp", state="AVAILABLE") != 2:
@@ -100,7 +102,9 @@ def test_json_logs(start_server, model_root: Path) -> None:
     docs = [json.loads(line) for line in lines]
     assert len(lines) == len([ln for ln in srv.log().splitlines() if ln.strip()
                               and not ln.startswith(("WARNING", "I0000", "E0000", "W0000"))])
-    access = [d for d in docs if d["logger"] == "gunicorn.access"]
+    # An access line is written after its answer is sent, so two request threads may write the
+    # lines of two back-to-back requests in either order.
+    access = sorted((d for d in docs if d["logger"] == "gunicorn.access"), key=lambda d: d["path"])
     assert [(d["method"], d["path"], d["status"]) for d in access] == [
         ("POST", "/v1/models/hp:predict", 200), ("POST", "/v1/models/nope:predict", 404)]
     assert access[0]["request_id"] == "abc" and access[0]["duration_us"] > 0

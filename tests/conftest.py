@@ -62,6 +62,9 @@ class Server:
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("TFWSGI_")}
         full_env.update(env)
         full_env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        # gRPC (TFWSGI_PORT, default 8500) off unless a test asks for it on a free port: two
+        # servers on 8500 would share it (SO_REUSEPORT) and answer each other's calls.
+        full_env.setdefault("TFWSGI_PORT", "0")
         with open(self.log_path, "wb") as log:  # the child keeps its own descriptor
             self.proc = subprocess.Popen(
                 [GUNICORN, "-c", "gunicorn_conf.py", "-w", str(workers), "-b", f"127.0.0.1:{self.port}",

@@ -9,11 +9,11 @@ PID (Docker's and systemd's signals reach gunicorn itself), nothing of this modu
 a SIGHUP reload re-reads the same environment and config file as under plain gunicorn.
 
 Every tfwsgi setting is a flag of the same name (``--enable_batching`` is
-``TFWSGI_ENABLE_BATCHING``); a flag beats the environment. Besides those: ``--port`` (gRPC, not
-served yet), ``--tensorflow_session_parallelism`` and
-``--version``. A tensorflow_model_server flag that tfwsgi does not support, or any other argument,
-is refused with one line naming it. With no model flag at all, the model is found as TF Serving's
-Docker image finds it: ``$MODEL_BASE_PATH/$MODEL_NAME`` (``/models/model``).
+``TFWSGI_ENABLE_BATCHING``; ``--port`` is ``TFWSGI_PORT``, gRPC's); a flag beats the environment.
+Besides those: ``--tensorflow_session_parallelism`` and ``--version``. A tensorflow_model_server
+flag that tfwsgi does not support, or any other argument, is refused with one line naming it.
+With no model flag at all, the model is found as TF Serving's Docker image finds it:
+``$MODEL_BASE_PATH/$MODEL_NAME`` (``/models/model``).
 
 Parsing is pure (``parse``); only ``main`` prints, reads the process environment and execs.
 """
@@ -59,9 +59,6 @@ class Flag:
 
 
 EXTRA_FLAGS: dict[str, Flag] = {f.name: f for f in (
-    Flag("port", int, 8500,
-         "TF Serving's gRPC port. gRPC is not served yet (issue 19): accepted, and said so in "
-         "one log line."),
     Flag("tensorflow_session_parallelism", int, 0,
          "Sets both `tensorflow_intra_op_parallelism` and `tensorflow_inter_op_parallelism` when "
          "neither is set (TF Serving's rule; setting all three is refused, as there); 0: auto."),
@@ -69,7 +66,7 @@ EXTRA_FLAGS: dict[str, Flag] = {f.name: f for f in (
 )}
 
 # tensorflow_model_server's other flags (main.cc), each refused with the reason.
-_GRPC = "gRPC is not served yet (issue 19)"
+_GRPC = "gRPC option not implemented yet (issue 19)"
 UNSUPPORTED_FLAGS: dict[str, str] = {
     "grpc_socket_path": _GRPC,
     "grpc_channel_arguments": _GRPC,
@@ -198,8 +195,6 @@ def parse(argv: Sequence[str], environ: Mapping[str, str]) -> Invocation:
         given["model_name"], given["model_base_path"] = name, f"{base}/{name}"
         notes.append(f"no model flags: serving model {name!r} from {base}/{name} "
                      "($MODEL_BASE_PATH/$MODEL_NAME, as TF Serving's Docker image does)")
-    grpc = "port" not in _SETTINGS  # issue 19 adds TFWSGI_PORT, and the flag becomes that setting
-    port = given.pop("port", EXTRA_FLAGS["port"].default) if grpc else None
     env = dict(environ)
     env.update({_SETTINGS[n].env: _env_text(v) for n, v in given.items()})
     try:
@@ -207,9 +202,6 @@ def parse(argv: Sequence[str], environ: Mapping[str, str]) -> Invocation:
         model_configs(settings)
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
-    if grpc:
-        notes.append(f"gRPC is not served yet: --port={port} ignored; the REST API is on port "
-                     f"{settings.rest_api_port}")
     return Invocation("serve", env, tuple(notes))
 
 

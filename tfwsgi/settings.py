@@ -41,6 +41,11 @@ def _port(value: int) -> None:
         raise ValueError(f"must be a TCP port (1-65535), got {value}")
 
 
+def _port_or_off(value: int) -> None:
+    if not 0 <= value < 65536:
+        raise ValueError(f"must be a TCP port (1-65535) or 0 (off), got {value}")
+
+
 def _one_of(*choices: str) -> Callable[[str], None]:
     def check(value: str) -> None:
         if value not in choices:
@@ -143,6 +148,10 @@ class Settings:
             "an unloaded model version goes back to the system; `system`: glibc's malloc, and "
             "TensorFlow keeps the large blocks it once used. Read at start.",
             _one_of("jemalloc", "system"))
+    port: int = setting(8500,
+            "Port of TF Serving's gRPC API (PredictionService, ModelService), served by every "
+            "worker on 0.0.0.0 with SO_REUSEPORT (the kernel spreads connections over the "
+            "workers); 0 turns gRPC off.", _port_or_off)
     rest_api_port: int = setting(8501,
             "Port of the REST API when gunicorn's `-b/--bind` is not given "
             "(binds 0.0.0.0).", _port)

@@ -161,10 +161,13 @@ def test_a_bad_model_config_file_is_one_line(tmp_path: Path) -> None:
     assert "cannot read" in refused(f"--model_config_file={tmp_path}/missing.config")
 
 
-def test_port_is_accepted_and_said_to_be_not_served_yet() -> None:
-    notes = serve(*MODEL, "--port=8500", "--rest_api_port=8501").notes
-    assert [n for n in notes if "gRPC" in n] == [
-        "gRPC is not served yet: --port=8500 ignored; the REST API is on port 8501"]
+def test_port_is_the_grpc_port_setting() -> None:
+    invocation = serve(*MODEL, "--port=9500", "--rest_api_port=8501")
+    assert invocation.env["TFWSGI_PORT"] == "9500"
+    assert from_env(invocation.env).port == 9500
+    assert not [n for n in invocation.notes if "gRPC" in n]
+    assert from_env(serve(*MODEL, "--port=0").env).port == 0  # gRPC off
+    assert "--port=70000: must be a TCP port (1-65535) or 0 (off)" in refused(*MODEL, "--port=70000")
 
 
 def test_help_and_version(capsys: pytest.CaptureFixture[str]) -> None:
@@ -175,7 +178,7 @@ def test_help_and_version(capsys: pytest.CaptureFixture[str]) -> None:
     for name in ("port", "rest_api_port", "saved_model_tags", "custom_op_modules",
                  "tensorflow_session_parallelism", "enable_signature_method_name_check"):
         assert f"--{name}=" in out
-    assert "--grpc_max_threads: gRPC is not served yet" in out
+    assert "--grpc_max_threads: gRPC option not implemented yet" in out
     assert cli.main(["--version"]) == 0
     assert capsys.readouterr().out.startswith("TensorFlow ModelServer: tfwsgi ")
 
@@ -208,12 +211,3 @@ def test_an_env_file_naming_the_model_leaves_the_docker_convention_out(tmp_path:
     invocation = serve(env={"TFWSGI_ENV_FILE": str(env_file)})
     assert "TFWSGI_MODEL_BASE_PATH" not in invocation.env  # gunicorn_conf.py applies the file
     assert not [n for n in invocation.notes if "MODEL_BASE_PATH" in n]
-
-
-def test_with_a_port_setting_the_flag_is_that_setting(monkeypatch: pytest.MonkeyPatch) -> None:
-    from tfwsgi.settings import Setting
-
-    monkeypatch.setitem(cli._SETTINGS, "port", Setting("port", int, 8500, "gRPC port"))
-    invocation = serve(*MODEL, "--port=9500")
-    assert invocation.env["TFWSGI_PORT"] == "9500"
-    assert not [n for n in invocation.notes if "gRPC" in n]

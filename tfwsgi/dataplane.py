@@ -8,13 +8,13 @@ renders what comes back; it never reaches into the manager, the batcher or Tenso
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from . import codec, dense, metrics
+from . import codec, dense, metrics, protocodec
 from .batching import DEADLINE_MESSAGE, Batcher
 from .cache import Outcome, Policy, PredictionCache
 from .errors import DeadlineExceeded, Internal, TFWSGIError
@@ -47,6 +47,8 @@ class Prediction:
     outputs: Tensors
     fmt: str  # codec.ROW or codec.COLUMNAR: how the request was written, so the answer matches
     outcome: Outcome
+    version: int = 0  # of the servable that answered, and the signature it ran (gRPC's model_spec)
+    signature_name: str = ""
 
 
 @dataclass
@@ -91,6 +93,36 @@ class JsonPredict:
         return sig, inputs, fmt
 
 
+class ProtoPredict:
+    """A gRPC PredictRequest's inputs (``TensorProto``s) and ``output_filter``, decoded for the
+    servable the core resolved (tfwsgi/protocodec.py); the answer keeps the filter's outputs."""
+
+    __slots__ = ("inputs", "output_filter", "signature_name")
+
+    def __init__(self, inputs: Mapping[str, Any], output_filter: Sequence[str] = (),
+                 signature_name: str = "") -> None:
+        self.inputs = inputs
+        self.output_filter = output_filter
+        self.signature_name = signature_name
+
+    def check(self) -> None:
+        """A proto body has no error of its own before the model is found."""
+
+    def decode(self, servable: Servable) -> tuple[Signature, dict[str, np.ndarray], str]:
+        sig = servable.signature(self.signature_name)
+        inputs = protocodec.decode_inputs(self.inputs, sig.inputs)
+        if self.output_filter:
+            outputs = servable.signature_def_map["signature_def"][sig.name]["outputs"]
+            protocodec.check_output_filter(self.output_filter, outputs)
+        return sig, inputs, codec.COLUMNAR
+
+    def select(self, outputs: Tensors) -> Tensors:
+        """The outputs ``output_filter`` names (all when it is empty)."""
+        if not self.output_filter:
+            return outputs
+        return {alias: outputs[alias] for alias in self.output_filter}
+
+
 class DataPlane:
     """predict, classify, regress, metadata and status on a model spec."""
 
@@ -105,7 +137,8 @@ class DataPlane:
         servable: Servable = self.manager.servable(spec.name, spec.version, spec.label)
         return servable
 
-    def predict(self, spec: ModelSpec, body: JsonPredict, options: Options = Options()) -> Prediction:
+    def predict(self, spec: ModelSpec, body: JsonPredict | ProtoPredict,
+                options: Options = Options()) -> Prediction:
         try:
             servable = self.servable(spec)
         except TFWSGIError:
@@ -123,7 +156,7 @@ class DataPlane:
             key = (servable.name, servable.version, sig.name)
             run = lambda: batcher.run(key, inputs, sig.run, options.deadline)  # noqa: E731
         outputs, outcome = self._answer(servable, sig.name, "predict", inputs, run, options)
-        return Prediction(outputs, fmt, outcome)
+        return Prediction(outputs, fmt, outcome, servable.version, sig.name)
 
     def classify(self, spec: ModelSpec, signature_name: str, examples: np.ndarray,
                  options: Options = Options()) -> Inference:

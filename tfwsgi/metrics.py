@@ -160,12 +160,13 @@ def _add_file(source: str, target: str) -> None:
 # prometheus_client's values (≈0.8 µs per mmap write, four writes a request) once a second, before
 # this worker renders a scrape, and when it exits. A scrape is at most a second behind.
 
-_MAX_KEYS = 1000  # distinct (model name, method, status) kept; later ones count as "<other>"
+_MAX_KEYS = 1000  # distinct (model name, method, status, entrypoint) kept; later ones count as "<other>"
 _APIS = {"predict": "Predict", "classify": "Classify", "regress": "Regress"}
 _BOUNDS = _bucket_bounds(REQUEST_LATENCY)  # the finite bounds and +Inf
 _lock = threading.Lock()
-_pending: dict[tuple[str, str, str], list[float]] = {}  # count, sum, per-bucket counts
-_flushed: dict[tuple[str, str, str], list[float]] = {}
+_Key = tuple[str, str, str, str]  # raw model name, method, status, entrypoint (REST or GRPC)
+_pending: dict[_Key, list[float]] = {}  # count, sum, per-bucket counts
+_flushed: dict[_Key, list[float]] = {}
 
 
 def _status_name(exc: BaseException) -> str:
@@ -176,18 +177,20 @@ def _status_name(exc: BaseException) -> str:
     return Code.UNKNOWN.name
 
 
-def _new_key(key: tuple[str, str, str]) -> list[float]:
+def _new_key(key: _Key) -> list[float]:
     if len(_pending) >= _MAX_KEYS:
-        key = ("<other>", key[1], key[2])
+        key = ("<other>", key[1], key[2], key[3])
         if key in _pending:
             return _pending[key]
     acc = _pending[key] = [0.0] * (2 + len(_BOUNDS))
     return acc
 
 
-def observe_request(raw_name: str, method: str, handler: Callable[..., T], *args: Any) -> T:
+def observe_request(raw_name: str, method: str, handler: Callable[..., T], *args: Any,
+                    entrypoint: str = "REST") -> T:
     """Run ``handler(*args)`` for a predict/classify/regress call on model ``raw_name`` (as in
-    the URL) and count it in TF Serving's request_count and request_latency (µs)."""
+    the URL, percent-encoded) and count it in TF Serving's request_count and request_latency
+    (µs), whose ``entrypoint`` label is ``REST`` or ``GRPC`` (TF Serving's values)."""
     start = perf_counter()
     status = Code.OK.name
     try:
@@ -197,7 +200,7 @@ def observe_request(raw_name: str, method: str, handler: Callable[..., T], *args
         raise
     finally:
         micros = (perf_counter() - start) * 1e6
-        key = (raw_name, method, status)
+        key = (raw_name, method, status, entrypoint)
         with _lock:
             acc = _pending.get(key) or _new_key(key)
             acc[0] += 1
@@ -240,10 +243,10 @@ def flush() -> None:
                 last[:] = acc
     if any(waits[1:]):
         _add_observations(REQUEST_WAIT_SECONDS, waits[0], waits[1:])
-    for (raw_name, method, status), delta in deltas:
+    for (raw_name, method, status, entrypoint), delta in deltas:
         name = unquote(raw_name)
         REQUEST_COUNT.labels(name, status).inc(delta[0])
-        latency = REQUEST_LATENCY.labels(name, _APIS.get(method.lower(), method), "REST")
+        latency = REQUEST_LATENCY.labels(name, _APIS.get(method.lower(), method), entrypoint)
         _add_observations(latency, delta[1], delta[2:])
 
 

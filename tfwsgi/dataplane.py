@@ -57,6 +57,8 @@ class Inference:
 
     outputs: Tensors
     outcome: Outcome
+    version: int = 0  # of the servable that answered, and the signature it ran (gRPC's model_spec)
+    signature_name: str = ""
 
 
 class JsonPredict:
@@ -172,14 +174,16 @@ class DataPlane:
                 out["scores"] = scores
             return out
 
-        return Inference(*self._answer(servable, name, "classify", {"inputs": examples}, run, options))
+        return Inference(*self._answer(servable, name, "classify", {"inputs": examples}, run, options),
+                         servable.version, name)
 
     def regress(self, spec: ModelSpec, signature_name: str, examples: np.ndarray,
                 options: Options = Options()) -> Inference:
         servable = self.servable(spec)
         name = signature_name or DEFAULT_SIGNATURE
         return Inference(*self._answer(servable, name, "regress", {"inputs": examples},
-                                       lambda: {"outputs": servable.regress(name, examples)}, options))
+                                       lambda: {"outputs": servable.regress(name, examples)}, options),
+                         servable.version, name)
 
     def metadata(self, spec: ModelSpec) -> tuple[Servable, dict[str, Any]]:
         """The servable answering and its signature_def map (TF Serving's GetModelMetadata)."""

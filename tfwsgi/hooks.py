@@ -198,7 +198,14 @@ def child_exit(server: Any, worker: Any) -> None:
 
 
 def worker_exit(server: Any, worker: Any) -> None:
-    """Worker, leaving (max_requests, reload, stop): write out the requests it counted."""
+    """Worker, leaving (max_requests, reload, stop): stop its gRPC server (calls in flight
+    finish), then write out the requests it counted."""
+    setup: WorkerSetup | None = getattr(worker, "tfwsgi", None)
+    if setup is not None and setup.grpc is not None:
+        from .grpc_api import stop
+
+        stop(setup.grpc, grace=max(1.0, server.cfg.graceful_timeout - 1.0))
+        setup.grpc = None
     from .metrics import flush
 
     flush()
@@ -248,6 +255,7 @@ class WorkerSetup:
     started: float
     heartbeat: _Heartbeat | None
     tf_threads: tuple[int, int]
+    grpc: Any = None  # this worker's grpc.Server (tfwsgi.grpc_api), once it serves TFWSGI_PORT
 
 
 def post_fork(server: Any, worker: Any) -> None:
@@ -269,9 +277,15 @@ def post_fork(server: Any, worker: Any) -> None:
 
 
 def post_worker_init(worker: Any) -> None:
-    """Worker, app (and models) loaded, about to take requests: its own loop keeps the
-    heartbeat from now on."""
+    """Worker, app (and models) loaded, about to take requests: its gRPC server starts (here,
+    never in the master: grpcio does not survive a fork), and its own loop keeps the heartbeat
+    from now on."""
     setup: WorkerSetup = worker.tfwsgi
+    state = worker.wsgi.extensions["tfwsgi"]
+    if state.settings.port:
+        from .grpc_api import serve
+
+        setup.grpc = serve(state)
     if setup.heartbeat is not None:
         setup.heartbeat.stop()
         setup.heartbeat = None

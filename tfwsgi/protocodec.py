@@ -92,6 +92,8 @@ def to_array(proto: Any) -> np.ndarray:
         if len(parts) % 2:
             raise ParseError("an odd number of complex parts")
         flat = parts.view(t.dtype)
+    elif t.field == "int_val":  # int32 values, cast to the narrower type as C++ does (wrapping)
+        flat = np.array(values, dtype=np.int32).astype(t.dtype)
     else:
         flat = np.array(values, dtype=t.dtype)
     return _fill(flat, n, t.dtype.type(0)).reshape(shape)

@@ -48,7 +48,9 @@ def command() -> list[str]:
 def child_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("TFWSGI_") and k not in ("MODEL_NAME", "MODEL_BASE_PATH")}
-    env.update(PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="2", **extra)
+    # gRPC off unless a test gives --port (or TFWSGI_PORT): never TF Serving's 8500, which
+    # another server on this machine may hold.
+    env.update({"PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2", "TFWSGI_PORT": "0"}, **extra)
     return env
 
 

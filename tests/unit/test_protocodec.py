@@ -71,6 +71,8 @@ def test_few_values_repeat_the_last_and_none_give_zeros() -> None:
     np.testing.assert_array_equal(tf.make_ndarray(short), got)
     np.testing.assert_array_equal(protocodec.to_array(_proto(types_pb2.DT_INT64, (2,))), [0, 0])
     assert protocodec.to_array(_proto(types_pb2.DT_STRING, (2,), string_val=[b"x"])).tolist() == [b"x", b"x"]
+    # int_val holds int32s; a narrower type takes them as C++'s static_cast does.
+    assert protocodec.to_array(_proto(types_pb2.DT_UINT8, (2,), int_val=[300, -1])).tolist() == [44, 255]
     # No shape: a scalar (TF Serving's own tests send `float_val: 2.0` alone).
     assert protocodec.to_array(_proto(types_pb2.DT_FLOAT, (), float_val=[2.0])).shape == ()
 

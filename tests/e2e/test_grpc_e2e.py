@@ -1,0 +1,272 @@
+"""TF Serving's gRPC API end to end: real ``gunicorn -c gunicorn_conf.py tfwsgi:app`` (2 workers)
+serving TFWSGI_PORT, called with tensorflow-serving-api's own stubs over loopback."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorflow.core.example import example_pb2
+from tensorflow_serving.apis import (
+    classification_pb2,
+    get_model_metadata_pb2,
+    get_model_status_pb2,
+    model_service_pb2_grpc,
+    predict_pb2,
+    prediction_service_pb2_grpc,
+    regression_pb2,
+)
+
+from conftest import Server, free_port, metric_total
+
+pytestmark = pytest.mark.e2e
+
+
+class Grpc:
+    def __init__(self, server: Server, port: int) -> None:
+        self.server = server
+        self.port = port
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        self.predict_stub = prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
+        self.model_stub = model_service_pb2_grpc.ModelServiceStub(self.channel)
+
+
+@pytest.fixture(scope="module")
+def rpc(model_config: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Grpc]:
+    port = free_port()
+    srv = Server({"TFWSGI_MODEL_CONFIG_FILE": str(model_config), "TFWSGI_PORT": str(port)},
+                 log_path=tmp_path_factory.mktemp("logs") / "grpc-server.log")
+    client = None
+    try:
+        srv.wait_ready()
+        client = Grpc(srv, port)
+        yield client
+    finally:
+        if client is not None:
+            client.channel.close()
+        srv.stop()
+
+
+def predict_request(name: str, inputs: dict[str, np.ndarray], version: int | None = None,
+                    label: str | None = None, signature: str = "",
+                    output_filter: tuple[str, ...] = ()) -> predict_pb2.PredictRequest:
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = name
+    if version is not None:
+        request.model_spec.version.value = version
+    if label is not None:
+        request.model_spec.version_label = label
+    request.model_spec.signature_name = signature
+    for key, value in inputs.items():
+        request.inputs[key].CopyFrom(tf.make_tensor_proto(value))
+    request.output_filter.extend(output_filter)
+    return request
+
+
+def outputs(response: predict_pb2.PredictResponse) -> dict[str, np.ndarray]:
+    return {k: tf.make_ndarray(v) for k, v in response.outputs.items()}
+
+
+def error(call, request) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as info:
+        call(request, timeout=30)
+    return info.value
+
+
+X = np.array([1.0, 2.0, 5.0], dtype=np.float32)
+
+
+def test_predict_gives_rest_values_and_tf_servings_model_spec(rpc: Grpc) -> None:
+    response = rpc.predict_stub.Predict(predict_request("hp", {"x": X}), timeout=30)
+    np.testing.assert_array_equal(outputs(response)["y"], [3.5, 4.0, 5.5])  # latest: version 2, b=3
+    rest = rpc.server.post("/v1/models/hp:predict", json={"instances": X.tolist()}).json()
+    assert rest == {"predictions": outputs(response)["y"].tolist()}
+    assert (response.model_spec.name, response.model_spec.version.value,
+            response.model_spec.signature_name) == ("hp", 2, "serving_default")
+
+
+def test_predict_by_version_and_label(rpc: Grpc) -> None:
+    by_version = rpc.predict_stub.Predict(predict_request("hp", {"x": X}, version=1), timeout=30)
+    np.testing.assert_array_equal(outputs(by_version)["y"], [2.5, 3.0, 4.5])
+    by_label = rpc.predict_stub.Predict(predict_request("hp", {"x": X}, label="stable"), timeout=30)
+    assert by_label.model_spec.version.value == 1
+    np.testing.assert_array_equal(outputs(by_label)["y"], [2.5, 3.0, 4.5])
+
+
+def test_typed_value_fields_decode_as_tensor_content(rpc: Grpc) -> None:
+    request = predict_request("hp", {}, version=1)
+    request.inputs["x"].dtype = tf.float32.as_datatype_enum
+    request.inputs["x"].tensor_shape.dim.add().size = 3
+    request.inputs["x"].float_val.extend([1.0, 2.0, 5.0])
+    response = rpc.predict_stub.Predict(request, timeout=30)
+    np.testing.assert_array_equal(outputs(response)["y"], [2.5, 3.0, 4.5])
+
+
+def test_multi_input_strings_and_output_filter(rpc: Grpc) -> None:
+    a = np.array([[1.0, 2.0], [3.0, 4.0]], dtype=np.float32)
+    b = np.array([10, 20], dtype=np.int32)
+    got = outputs(rpc.predict_stub.Predict(predict_request("multi", {"a": a, "b": b}), timeout=30))
+    np.testing.assert_array_equal(got["sum"], [13.0, 27.0])
+    np.testing.assert_array_equal(got["b_twice"], [20, 40])
+    only = rpc.predict_stub.Predict(predict_request("multi", {"a": a, "b": b}, output_filter=("b_twice",)),
+                                    timeout=30)
+    assert list(only.outputs) == ["b_twice"]
+    words = np.array([b"ab", b"\xff\x00"], dtype=object)
+    got = outputs(rpc.predict_stub.Predict(predict_request("multi", {"s": words}, signature="strings"),
+                                           timeout=30))
+    assert got["upper"].tolist() == [b"AB", b"\xff\x00"] and got["echo_bytes"].tolist() == words.tolist()
+    np.testing.assert_array_equal(got["length"], [2, 2])
+
+
+@pytest.mark.parametrize("request_, code, message", [
+    (predict_request("nope", {"x": X}), grpc.StatusCode.NOT_FOUND,
+     "Servable not found for request: Latest(nope)"),
+    (predict_request("hp", {"x": X}, version=3), grpc.StatusCode.NOT_FOUND,
+     "Servable not found for request: Specific(hp, 3)"),
+    (predict_request("hp", {"x": X}, signature="nope"), grpc.StatusCode.INVALID_ARGUMENT,
+     'Serving signature name: "nope" not found in signature def'),
+    (predict_request("hp", {"z": X}), grpc.StatusCode.INVALID_ARGUMENT,
+     "input tensor alias not found in signature: z. Inputs expected to be in the set {x}."),
+    (predict_request("hp", {"x": X.astype(np.int64)}), grpc.StatusCode.INVALID_ARGUMENT,
+     "Expected input x to be float but get int64."),
+    (predict_request("hp", {"x": X}, output_filter=("w",)), grpc.StatusCode.INVALID_ARGUMENT,
+     "output tensor alias not found in signature: w Outputs expected to be in the set {y}."),
+    (predict_pb2.PredictRequest(), grpc.StatusCode.INVALID_ARGUMENT, "Missing ModelSpec"),
+], ids=["model", "version", "signature", "alias", "dtype", "output_filter", "no-spec"])
+def test_predict_errors_have_tf_servings_codes(rpc: Grpc, request_, code, message) -> None:
+    exc = error(rpc.predict_stub.Predict, request_)
+    assert (exc.code(), exc.details()) == (code, message)
+
+
+def test_unknown_label_is_invalid_argument_as_in_tf_serving(rpc: Grpc) -> None:
+    # server_core.cc GetModelVersionForLabel: errors::InvalidArgument, not NOT_FOUND.
+    exc = error(rpc.predict_stub.Predict, predict_request("hp", {"x": X}, label="nope"))
+    assert (exc.code(), exc.details()) == (grpc.StatusCode.INVALID_ARGUMENT,
+                                           "Unrecognized servable version label: nope")
+
+
+def test_regress_and_classify_give_rest_values(rpc: Grpc) -> None:
+    def example(**features: float) -> example_pb2.Example:
+        e = example_pb2.Example()
+        for key, value in features.items():
+            e.features.feature[key].float_list.value.append(value)
+        return e
+
+    request = regression_pb2.RegressionRequest()
+    request.model_spec.name = "hp"
+    request.model_spec.version.value = 1
+    request.model_spec.signature_name = "regress_x2_to_y3"
+    request.input.example_list_with_context.context.CopyFrom(example(x2=4.0))
+    request.input.example_list_with_context.examples.extend([example(x=1.0), example(x=1.0, x2=10.0)])
+    got = [r.value for r in rpc.predict_stub.Regress(request, timeout=30).result.regressions]
+    rest = rpc.server.post("/v1/models/hp/versions/1:regress", json={
+        "signature_name": "regress_x2_to_y3", "context": {"x2": 4.0},
+        "examples": [{"x": 1.0}, {"x": 1.0, "x2": 10.0}]}).json()
+    assert got == rest["results"] == [5.0, 8.0]
+
+    classify = classification_pb2.ClassificationRequest()
+    classify.model_spec.name = "multi"
+    classify.model_spec.signature_name = "classify_with_classes"
+    classify.input.example_list.examples.extend([example(x=0.0)])
+    row = rpc.predict_stub.Classify(classify, timeout=30).result.classifications[0]
+    assert [(c.label, c.score) for c in row.classes] == [("neg", 0.5), ("pos", 0.5)]
+
+
+def test_metadata_is_the_signature_def_map(rpc: Grpc) -> None:
+    request = get_model_metadata_pb2.GetModelMetadataRequest()
+    request.model_spec.name = "hp"
+    request.model_spec.version.value = 1
+    request.metadata_field.append("signature_def")
+    response = rpc.predict_stub.GetModelMetadata(request, timeout=30)
+    assert (response.model_spec.name, response.model_spec.version.value) == ("hp", 1)
+    sig_map = get_model_metadata_pb2.SignatureDefMap()
+    assert response.metadata["signature_def"].Unpack(sig_map)
+    sig = sig_map.signature_def["serving_default"]
+    assert list(sig.inputs) == ["x"] and sig.inputs["x"].dtype == tf.float32.as_datatype_enum
+    rest = rpc.server.get("/v1/models/hp/versions/1/metadata").json()
+    assert set(sig_map.signature_def) == set(rest["metadata"]["signature_def"]["signature_def"])
+    request.metadata_field[:] = ["nope"]
+    exc = error(rpc.predict_stub.GetModelMetadata, request)
+    assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert exc.details() == "Metadata field nope is not supported"
+
+
+def test_status_has_tf_servings_states_and_codes(rpc: Grpc) -> None:
+    request = get_model_status_pb2.GetModelStatusRequest()
+    request.model_spec.name = "flaky"
+    states = {s.version: s for s in rpc.model_stub.GetModelStatus(request, timeout=30).model_version_status}
+    State = get_model_status_pb2.ModelVersionStatus.State
+    assert states[1].state == State.AVAILABLE and states[1].status.error_code == 0
+    assert states[2].state == State.END and states[2].status.error_code == grpc.StatusCode.DATA_LOSS.value[0]
+    request.model_spec.name = "nope"
+    exc = error(rpc.model_stub.GetModelStatus, request)
+    assert exc.code() == grpc.StatusCode.NOT_FOUND
+    assert exc.details() == "Could not find any versions of model nope"
+
+
+def _connection_owners(port: int, pids: set[int]) -> dict[int, int]:
+    """How many established TCP connections on local ``port`` each of ``pids`` holds (from
+    /proc/net/tcp{,6} and each process's socket descriptors)."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "01":  # ESTABLISHED
+                inodes.add(fields[9])
+    owners = {}
+    for pid in pids:
+        links = []
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                links.append(fd.readlink().as_posix())
+            except OSError:
+                continue
+        owners[pid] = sum(1 for link in links if link.startswith("socket:[") and link[8:-1] in inodes)
+    return owners
+
+
+def test_calls_reach_both_workers_and_are_counted_as_grpc(rpc: Grpc) -> None:
+    workers = rpc.server.worker_pids()
+    serving = {int(p) for p in re.findall(r"tfwsgi: worker (\d+) serves gRPC on port", rpc.server.log())}
+    assert serving == workers and len(workers) == 2
+    # SO_REUSEPORT spreads connections, not calls: 24 channels, each with a connection of its own
+    # (grpcio's channels to one target share one otherwise) and a call answered.
+    own = [("grpc.use_local_subchannel_pool", 1)]
+    channels = [grpc.insecure_channel(f"127.0.0.1:{rpc.port}", options=own) for _ in range(24)]
+    try:
+        for channel in channels:
+            stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+            response = stub.Predict(predict_request("keras", {"features": np.ones((1, 4), np.float32)}),
+                                    timeout=30)
+            assert [a.shape for a in outputs(response).values()] == [(1, 2)]
+        owners = _connection_owners(rpc.port, workers)
+        assert sum(owners.values()) >= 24 and all(owners.values()), owners
+    finally:
+        for channel in channels:
+            channel.close()
+    # Counted in TF Serving's metrics with entrypoint GRPC (every worker's, added up).
+    deadline = time.monotonic() + 10
+    while True:
+        text = rpc.server.get("/monitoring/prometheus/metrics").text
+        count = metric_total(text, ":tensorflow:serving:request_latency_count", model_name="keras",
+                             API="Predict", entrypoint="GRPC")
+        if count >= 24 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)  # workers flush their counts once a second
+    assert count >= 24
+    assert metric_total(text, ":tensorflow:serving:request_count", model_name="keras", status="OK") >= 24
+
+
+def test_the_master_never_loads_grpc(rpc: Grpc) -> None:
+    """grpcio's core (its cygrpc extension) is mapped in every worker, never in the master."""
+    def loaded(pid: int) -> bool:
+        return "cygrpc" in Path(f"/proc/{pid}/maps").read_text()
+
+    assert all(loaded(pid) for pid in rpc.server.worker_pids())
+    assert not loaded(rpc.server.pid)

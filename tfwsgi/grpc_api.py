@@ -1,0 +1,245 @@
+"""TensorFlow Serving's gRPC API (``tensorflow.serving.PredictionService`` and ``ModelService``):
+parse the request proto, call the core once, render the answer proto.
+
+Each gunicorn worker runs one ``grpc.server`` on ``TFWSGI_PORT``, bound with ``grpc.so_reuseport``
+so the kernel spreads new connections over the workers, as grpc's own
+examples/python/multiprocessing does ("one server per subprocess, balancing requests between the
+servers using the SO_REUSEPORT socket option"). The server starts in the worker, after fork
+(``hooks.post_worker_init``): that README also says fork without exec is supported only
+"*before* any gRPC servers have been instantiated", so gunicorn's master never imports this
+module, grpcio or the generated services (tensorflow-serving-api's protos import TensorFlow's
+package, which only a worker runs). It stops gracefully in ``hooks.worker_exit``.
+
+Implemented: Predict (with ``output_filter``), Classify, Regress, GetModelMetadata
+(``signature_def``) and GetModelStatus. MultiInference and HandleReloadConfigRequest answer
+UNIMPLEMENTED (grpcio's default for a method the servicer does not define).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from concurrent import futures
+from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import quote
+
+import grpc
+import numpy as np
+from google.protobuf import json_format
+from tensorflow_serving.apis import (
+    classification_pb2,
+    get_model_metadata_pb2,
+    get_model_status_pb2,
+    model_service_pb2_grpc,
+    predict_pb2,
+    prediction_service_pb2_grpc,
+    regression_pb2,
+)
+
+from . import metrics, protocodec
+from .dataplane import DataPlane, ModelSpec, Options, ProtoPredict
+from .errors import Code, InvalidArgument, TFWSGIError
+
+if TYPE_CHECKING:
+    from .application import WorkerState
+
+log = logging.getLogger("tfwsgi")
+T = TypeVar("T")
+
+# tensorflow_serving/model_servers/server.cc: builder.SetMaxMessageSize(tensorflow::kint32max).
+MAX_MESSAGE_BYTES = 2**31 - 1
+_STATUS = {code.value[0]: code for code in grpc.StatusCode}  # grpc's numbers are Code's
+_NO_DEADLINE = 1e8  # seconds: grpcio reports a call without deadline as this far away or more
+
+
+def _spec(request: Any) -> ModelSpec:
+    """The request's ``model_spec``; TF Serving's error when it has none."""
+    if not request.HasField("model_spec"):
+        raise InvalidArgument("Missing ModelSpec")
+    spec = request.model_spec
+    choice = spec.WhichOneof("version_choice")
+    return ModelSpec(spec.name, spec.version.value if choice == "version" else None,
+                     spec.version_label if choice == "version_label" else None)
+
+
+def _examples(input_: Any) -> np.ndarray:
+    """A classify/regress ``Input`` as serialized tf.Examples, as TF Serving feeds them
+    (tensorflow_serving/servables/tensorflow/util.cc ``InputToSerializedExampleTensor``: with a
+    context, the context's bytes then the example's, which protobuf merges)."""
+    kind = input_.WhichOneof("kind")
+    if kind == "example_list":
+        serialized = [e.SerializeToString() for e in input_.example_list.examples]
+    elif kind == "example_list_with_context":
+        context = input_.example_list_with_context.context.SerializeToString()
+        serialized = [context + e.SerializeToString() for e in input_.example_list_with_context.examples]
+    else:
+        serialized = []
+    if not serialized:
+        raise InvalidArgument("Input is empty.")
+    out = np.empty(len(serialized), dtype=object)
+    out[:] = serialized
+    return out
+
+
+def _model_spec(response: Any, name: str, version: int, signature_name: str) -> None:
+    """TF Serving's ``MakeModelSpec`` (tensorflow_serving/servables/tensorflow/util.cc)."""
+    response.model_spec.name = name
+    response.model_spec.version.value = version
+    response.model_spec.signature_name = signature_name
+
+
+def _label(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def _options(context: grpc.ServicerContext) -> Options:
+    remaining = context.time_remaining()
+    if remaining is None or remaining > _NO_DEADLINE:
+        return Options()
+    return Options(deadline=time.monotonic() + remaining)
+
+
+def _answer(context: grpc.ServicerContext, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``call(*args, **kwargs)``, or the call aborted with the error's status and message."""
+    try:
+        return call(*args, **kwargs)
+    except TFWSGIError as exc:
+        context.abort(_STATUS.get(int(exc.code), grpc.StatusCode.UNKNOWN), exc.message)
+    except Exception as exc:
+        log.exception("tfwsgi: unexpected error in a gRPC call")
+        context.abort(grpc.StatusCode.INTERNAL, f"Internal error: {type(exc).__name__}: {exc}")
+    raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
+
+
+class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
+    def __init__(self, dataplane: DataPlane) -> None:
+        self.dataplane = dataplane
+
+    def Predict(self, request: Any, context: grpc.ServicerContext) -> Any:
+        name = request.model_spec.name
+        return _answer(context, metrics.observe_request, quote(name, safe=""), "predict",
+                       self._predict, request, context, entrypoint="GRPC")
+
+    def _predict(self, request: Any, context: grpc.ServicerContext) -> Any:
+        spec = _spec(request)
+        body = ProtoPredict(request.inputs, list(request.output_filter),
+                            request.model_spec.signature_name)
+        answer = self.dataplane.predict(spec, body, _options(context))
+        response = predict_pb2.PredictResponse()
+        _model_spec(response, spec.name, answer.version, answer.signature_name)
+        for alias, array in body.select(answer.outputs).items():
+            protocodec.fill(response.outputs[alias], array)
+        return response
+
+    def Classify(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return _answer(context, metrics.observe_request, quote(request.model_spec.name, safe=""),
+                       "classify", self._classify, request, context, entrypoint="GRPC")
+
+    def _classify(self, request: Any, context: grpc.ServicerContext) -> Any:
+        spec = _spec(request)
+        examples = _examples(request.input)
+        answer = self.dataplane.classify(spec, request.model_spec.signature_name, examples,
+                                         _options(context))
+        response = classification_pb2.ClassificationResponse()
+        _model_spec(response, spec.name, answer.version, answer.signature_name)
+        classes, scores = answer.outputs.get("classes"), answer.outputs.get("scores")
+        num = classes.shape[1] if classes is not None else scores.shape[1] if scores is not None else 0
+        for i in range(len(examples)):  # classifier.cc: one Classifications per example
+            row = response.result.classifications.add()
+            for c in range(num):
+                cls = row.classes.add()
+                if classes is not None:
+                    cls.label = _label(classes[i, c])
+                if scores is not None:
+                    cls.score = float(scores[i, c])
+        return response
+
+    def Regress(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return _answer(context, metrics.observe_request, quote(request.model_spec.name, safe=""),
+                       "regress", self._regress, request, context, entrypoint="GRPC")
+
+    def _regress(self, request: Any, context: grpc.ServicerContext) -> Any:
+        spec = _spec(request)
+        answer = self.dataplane.regress(spec, request.model_spec.signature_name,
+                                        _examples(request.input), _options(context))
+        response = regression_pb2.RegressionResponse()
+        _model_spec(response, spec.name, answer.version, answer.signature_name)
+        for value in answer.outputs["outputs"].reshape(-1):
+            response.result.regressions.add().value = float(value)
+        return response
+
+    def GetModelMetadata(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return _answer(context, self._metadata, request)
+
+    def _metadata(self, request: Any) -> Any:
+        # tensorflow_serving/model_servers/get_model_metadata_impl.cc, ValidateGetModelMetadataRequest
+        spec = _spec(request)
+        if not request.metadata_field:
+            raise InvalidArgument("GetModelMetadataRequest must specify at least one metadata_field")
+        for field in request.metadata_field:
+            if field != "signature_def":
+                raise InvalidArgument(f"Metadata field {field} is not supported")
+        servable, signature_def = self.dataplane.metadata(spec)
+        response = get_model_metadata_pb2.GetModelMetadataResponse()
+        response.model_spec.name = servable.name
+        response.model_spec.version.value = servable.version
+        sig_map = json_format.ParseDict(signature_def, get_model_metadata_pb2.SignatureDefMap())
+        response.metadata["signature_def"].Pack(sig_map)
+        return response
+
+
+class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
+    def __init__(self, dataplane: DataPlane) -> None:
+        self.dataplane = dataplane
+
+    def GetModelStatus(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return _answer(context, self._status, request)
+
+    def _status(self, request: Any) -> Any:
+        response = get_model_status_pb2.GetModelStatusResponse()
+        states = get_model_status_pb2.ModelVersionStatus.State
+        for s in self.dataplane.status(_spec(request)):
+            status = response.model_version_status.add()
+            status.version = s.version
+            status.state = states.Value(s.state)
+            status.status.error_code = Code.of(s.error_code).value
+            status.status.error_message = s.error_message
+        return response
+
+
+def threads() -> int:
+    """TF Serving's ``--grpc_max_threads`` default, 4 × the cores (this worker's)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return 4 * max(1, cores)
+
+
+def build(dataplane: DataPlane) -> grpc.Server:
+    """A gRPC server with both services over ``dataplane``, not yet bound or started."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=threads(), thread_name_prefix="tfwsgi-grpc"),
+        options=[("grpc.so_reuseport", 1),
+                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionServicer(dataplane), server)
+    model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(dataplane), server)
+    return server
+
+
+def serve(state: WorkerState) -> grpc.Server | None:
+    """Start this worker's gRPC server on ``TFWSGI_PORT`` (None when it is 0). A port that cannot
+    be bound stops the worker, as it stops TF Serving."""
+    port = state.settings.port
+    if not port:
+        return None
+    server = build(state.dataplane)
+    server.add_insecure_port(f"0.0.0.0:{port}")  # raises RuntimeError when it cannot bind
+    server.start()
+    log.info("tfwsgi: worker %d serves gRPC on port %d", os.getpid(), port)
+    return server
+
+
+def stop(server: grpc.Server, grace: float) -> None:
+    """Refuse new calls, let the ones in flight finish for up to ``grace`` seconds."""
+    server.stop(grace).wait()

@@ -270,3 +270,24 @@ def test_the_master_never_loads_grpc(rpc: Grpc) -> None:
 
     assert all(loaded(pid) for pid in rpc.server.worker_pids())
     assert not loaded(rpc.server.pid)
+
+
+def test_a_passed_deadline_is_deadline_exceeded_on_the_server_too(rpc: Grpc) -> None:
+    """The call's gRPC deadline is the core's: the server itself answers (and counts)
+    DEADLINE_EXCEEDED for a run that outlives it, not only the client giving up."""
+    def exceeded() -> float:
+        text = rpc.server.get("/monitoring/prometheus/metrics").text
+        return metric_total(text, ":tensorflow:serving:request_count", model_name="multi",
+                            status="DEADLINE_EXCEEDED")
+
+    before = exceeded()
+    exc = error(lambda request, timeout: rpc.predict_stub.Predict(request, timeout=0.05),
+                predict_request("multi", {"x": np.array([1.0], np.float32)}, signature="slow"))
+    assert exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    deadline = time.monotonic() + 15
+    while exceeded() < before + 1 and time.monotonic() < deadline:
+        time.sleep(0.2)  # the slow run finishes (~0.25 s), then the worker flushes its counts
+    assert exceeded() == before + 1
+    ok = rpc.predict_stub.Predict(predict_request("multi", {"x": np.array([1.0], np.float32)},
+                                                  signature="slow"), timeout=30)
+    np.testing.assert_array_equal(outputs(ok)["y"], [2.0])

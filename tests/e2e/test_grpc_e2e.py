@@ -3,7 +3,9 @@ serving TFWSGI_PORT, called with tensorflow-serving-api's own stubs over loopbac
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -291,3 +293,27 @@ def test_a_passed_deadline_is_deadline_exceeded_on_the_server_too(rpc: Grpc) -> 
     ok = rpc.predict_stub.Predict(predict_request("multi", {"x": np.array([1.0], np.float32)},
                                                   signature="slow"), timeout=30)
     np.testing.assert_array_equal(outputs(ok)["y"], [2.0])
+
+
+def test_a_stopping_worker_finishes_its_grpc_calls(model_config: Path, start_server, tmp_path: Path) -> None:
+    """SIGTERM to gunicorn: the worker's gRPC server stops taking calls but answers the one in
+    flight (hooks.worker_exit → grpc_api.stop with a grace period). The call waits 3 s in the
+    batcher for a batch that never fills, so it is still in flight when the worker stops."""
+    params = tmp_path / "batching.txt"
+    params.write_text("max_batch_size { value: 64 }\nbatch_timeout_micros { value: 3000000 }\n")
+    port = free_port()
+    srv = start_server({"TFWSGI_MODEL_CONFIG_FILE": str(model_config), "TFWSGI_PORT": str(port),
+                        "TFWSGI_ENABLE_BATCHING": "true", "TFWSGI_BATCHING_PARAMETERS_FILE": str(params)},
+                       workers=1)
+    srv.wait_ready()
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        stub.GetModelMetadata(get_model_metadata_pb2.GetModelMetadataRequest(
+            model_spec={"name": "hp"}, metadata_field=["signature_def"]), timeout=30)  # connected
+        started = time.monotonic()
+        call = stub.Predict.future(predict_request("hp", {"x": X}, version=1), timeout=30)
+        time.sleep(0.3)  # the call is in the worker's batcher now (it waits there 3 s)
+        os.kill(srv.pid, signal.SIGTERM)
+        np.testing.assert_array_equal(outputs(call.result())["y"], [2.5, 3.0, 4.5])
+        assert time.monotonic() - started >= 2.5  # answered by the batch timeout, not before
+    srv.proc.wait(timeout=30)

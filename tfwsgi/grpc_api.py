@@ -10,8 +10,8 @@ servers using the SO_REUSEPORT socket option"). The server starts in the worker,
 module, grpcio or the generated services (tensorflow-serving-api's protos import TensorFlow's
 package, which only a worker runs). It stops gracefully in ``hooks.worker_exit``.
 
-Implemented: Predict (with ``output_filter``), Classify, Regress, GetModelMetadata
-(``signature_def``) and GetModelStatus. MultiInference and HandleReloadConfigRequest answer
+Implemented: Predict (with ``output_filter``), Classify, Regress, MultiInference,
+GetModelMetadata (``signature_def``) and GetModelStatus. HandleReloadConfigRequest answers
 UNIMPLEMENTED (grpcio's default for a method the servicer does not define).
 """
 
@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent import futures
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import quote
@@ -32,6 +32,7 @@ from tensorflow_serving.apis import (
     classification_pb2,
     get_model_metadata_pb2,
     get_model_status_pb2,
+    inference_pb2,
     model_service_pb2_grpc,
     predict_pb2,
     prediction_service_pb2_grpc,
@@ -40,7 +41,8 @@ from tensorflow_serving.apis import (
 
 from . import metrics, protocodec
 from .dataplane import DataPlane, ModelSpec, Options, ProtoPredict
-from .errors import Code, InvalidArgument, TFWSGIError
+from .errors import Code, InvalidArgument, TFWSGIError, Unimplemented
+from .interfaces import DEFAULT_SIGNATURE
 
 if TYPE_CHECKING:
     from .application import WorkerState
@@ -94,6 +96,30 @@ def _label(value: Any) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
+_CLASSIFY = "tensorflow/serving/classify"
+_REGRESS = "tensorflow/serving/regress"
+
+
+def _classification(result: Any, outputs: Mapping[str, np.ndarray], n: int) -> None:
+    """A ClassificationResult: per example, its (label, score) classes (classifier.cc)."""
+    classes, scores = outputs.get("classes"), outputs.get("scores")
+    num = classes.shape[1] if classes is not None else scores.shape[1] if scores is not None else 0
+    for i in range(n):
+        row = result.classifications.add()
+        for c in range(num):
+            cls = row.classes.add()
+            if classes is not None:
+                cls.label = _label(classes[i, c])
+            if scores is not None:
+                cls.score = float(scores[i, c])
+
+
+def _regression(result: Any, outputs: Mapping[str, np.ndarray]) -> None:
+    """A RegressionResult: one value per example (regressor.cc)."""
+    for value in outputs["outputs"].reshape(-1):
+        result.regressions.add().value = float(value)
+
+
 def _options(context: grpc.ServicerContext) -> Options:
     remaining = context.time_remaining()
     if remaining is None or remaining > _NO_DEADLINE:
@@ -144,16 +170,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
                                          _options(context))
         response = classification_pb2.ClassificationResponse()
         _model_spec(response, spec.name, answer.version, answer.signature_name)
-        classes, scores = answer.outputs.get("classes"), answer.outputs.get("scores")
-        num = classes.shape[1] if classes is not None else scores.shape[1] if scores is not None else 0
-        for i in range(len(examples)):  # classifier.cc: one Classifications per example
-            row = response.result.classifications.add()
-            for c in range(num):
-                cls = row.classes.add()
-                if classes is not None:
-                    cls.label = _label(classes[i, c])
-                if scores is not None:
-                    cls.score = float(scores[i, c])
+        _classification(response.result, answer.outputs, len(examples))
         return response
 
     def Regress(self, request: Any, context: grpc.ServicerContext) -> Any:
@@ -166,8 +183,52 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
                                         _examples(request.input), _options(context))
         response = regression_pb2.RegressionResponse()
         _model_spec(response, spec.name, answer.version, answer.signature_name)
-        for value in answer.outputs["outputs"].reshape(-1):
-            response.result.regressions.add().value = float(value)
+        _regression(response.result, answer.outputs)
+        return response
+
+    def MultiInference(self, request: Any, context: grpc.ServicerContext) -> Any:
+        name = request.tasks[0].model_spec.name if request.tasks else ""
+        return _answer(context, metrics.observe_request, quote(name, safe=""), "multi_inference",
+                       self._multi_inference, request, context, entrypoint="GRPC")
+
+    def _multi_inference(self, request: Any, context: grpc.ServicerContext) -> Any:
+        # tensorflow_serving/servables/tensorflow/multi_inference.cc (TensorFlowMultiInferenceRunner::Infer)
+        # checks the tasks; the servable is the first task's (multi_inference_helper.cc).
+        name = ""
+        signatures: list[str] = []
+        for task in request.tasks:
+            if not task.model_spec.name:
+                raise InvalidArgument("Found ModelSpec with an empty model name.")
+            if not name:
+                name = task.model_spec.name
+            elif name != task.model_spec.name:
+                raise InvalidArgument("All ModelSpecs in a MultiInferenceRequest must access the same "
+                                      "model name.")
+            signature = task.model_spec.signature_name or DEFAULT_SIGNATURE
+            if signature in signatures:
+                raise InvalidArgument(f"Duplicate evaluation of signature: {signature}")
+            signatures.append(signature)
+        first = request.tasks[0] if request.tasks else inference_pb2.InferenceTask()
+        servable, signature_def = self.dataplane.metadata(_spec(first))
+        for task, signature in zip(request.tasks, signatures, strict=True):
+            if signature not in signature_def["signature_def"]:
+                raise InvalidArgument(f"Requested signature not found in model graph: {signature}")
+            if task.method_name not in (_CLASSIFY, _REGRESS):
+                raise Unimplemented(f"Unsupported signature method_name: {task.method_name}")
+        examples = _examples(request.input)
+        spec = ModelSpec(servable.name, servable.version)  # every task on the version resolved
+        options = _options(context)
+        response = inference_pb2.MultiInferenceResponse()
+        for task, signature in zip(request.tasks, signatures, strict=True):
+            result = response.results.add()
+            result.model_spec.CopyFrom(task.model_spec)
+            result.model_spec.version.value = servable.version
+            if task.method_name == _CLASSIFY:
+                answer = self.dataplane.classify(spec, signature, examples, options)
+                _classification(result.classification_result, answer.outputs, len(examples))
+            else:
+                _regression(result.regression_result, self.dataplane.regress(spec, signature, examples,
+                                                                             options).outputs)
         return response
 
     def GetModelMetadata(self, request: Any, context: grpc.ServicerContext) -> Any:

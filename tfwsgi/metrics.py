@@ -161,7 +161,8 @@ def _add_file(source: str, target: str) -> None:
 # this worker renders a scrape, and when it exits. A scrape is at most a second behind.
 
 _MAX_KEYS = 1000  # distinct (model name, method, status, entrypoint) kept; later ones count as "<other>"
-_APIS = {"predict": "Predict", "classify": "Classify", "regress": "Regress"}
+_APIS = {"predict": "Predict", "classify": "Classify", "regress": "Regress",
+         "multi_inference": "MultiInference"}
 _BOUNDS = _bucket_bounds(REQUEST_LATENCY)  # the finite bounds and +Inf
 _lock = threading.Lock()
 _Key = tuple[str, str, str, str]  # raw model name, method, status, entrypoint (REST or GRPC)

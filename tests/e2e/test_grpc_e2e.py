@@ -19,6 +19,7 @@ from tensorflow_serving.apis import (
     classification_pb2,
     get_model_metadata_pb2,
     get_model_status_pb2,
+    inference_pb2,
     model_service_pb2_grpc,
     predict_pb2,
     prediction_service_pb2_grpc,
@@ -178,6 +179,24 @@ def test_regress_and_classify_give_rest_values(rpc: Grpc) -> None:
     classify.input.example_list.examples.extend([example(x=0.0)])
     row = rpc.predict_stub.Classify(classify, timeout=30).result.classifications[0]
     assert [(c.label, c.score) for c in row.classes] == [("neg", 0.5), ("pos", 0.5)]
+
+
+def test_multi_inference_gives_the_single_calls_values(rpc: Grpc) -> None:
+    request = inference_pb2.MultiInferenceRequest()
+    for signature, method in (("regress_x_to_y", "tensorflow/serving/regress"),
+                              ("classify_x_to_y", "tensorflow/serving/classify")):
+        task = request.tasks.add(method_name=method)
+        task.model_spec.name = "hp"
+        task.model_spec.version.value = 1
+        task.model_spec.signature_name = signature
+    for x in (1.0, 2.0):
+        request.input.example_list.examples.add().features.feature["x"].float_list.value.append(x)
+    results = rpc.predict_stub.MultiInference(request, timeout=30).results
+    assert [r.value for r in results[0].regression_result.regressions] == [2.5, 3.0]
+    assert [[c.score for c in row.classes] for row in results[1].classification_result.classifications] == [
+        [2.5], [3.0]]
+    assert [(r.model_spec.signature_name, r.model_spec.version.value) for r in results] == [
+        ("regress_x_to_y", 1), ("classify_x_to_y", 1)]
 
 
 def test_metadata_is_the_signature_def_map(rpc: Grpc) -> None:

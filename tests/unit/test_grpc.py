@@ -17,6 +17,7 @@ from tensorflow_serving.apis import (
     classification_pb2,
     get_model_metadata_pb2,
     get_model_status_pb2,
+    inference_pb2,
     model_service_pb2_grpc,
     predict_pb2,
     prediction_service_pb2_grpc,
@@ -131,12 +132,55 @@ def test_classify_and_regress_take_examples_and_context(channel: grpc.Channel) -
     assert (info.value.code(), info.value.details()) == (grpc.StatusCode.INVALID_ARGUMENT, "Input is empty.")
 
 
+def _task(name: str, signature: str, method: str) -> inference_pb2.InferenceTask:
+    task = inference_pb2.InferenceTask(method_name=method)
+    task.model_spec.name = name
+    task.model_spec.signature_name = signature
+    return task
+
+
+REGRESS, CLASSIFY = "tensorflow/serving/regress", "tensorflow/serving/classify"
+
+
+def test_multi_inference_runs_every_task_on_one_version(channel: grpc.Channel) -> None:
+    stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+    request = inference_pb2.MultiInferenceRequest()
+    request.tasks.extend([_task("hp", "regress_x_to_y", REGRESS), _task("hp", "classify_x_to_y", CLASSIFY)])
+    request.input.example_list.examples.extend([_example(x=1.0), _example(x=2.0)])
+    results = stub.MultiInference(request, timeout=10).results
+    assert [r.model_spec.version.value for r in results] == [2, 2]  # hp's latest: b = 3
+    assert [r.value for r in results[0].regression_result.regressions] == [3.5, 4.0]
+    assert [[c.score for c in row.classes] for row in results[1].classification_result.classifications] == [
+        [3.5], [4.0]]
+
+
+@pytest.mark.parametrize("tasks, code, message", [
+    ([("hp", "regress_x_to_y", REGRESS), ("multi", "regress_x_to_y", REGRESS)],
+     grpc.StatusCode.INVALID_ARGUMENT,
+     "All ModelSpecs in a MultiInferenceRequest must access the same model name."),
+    ([("hp", "regress_x_to_y", REGRESS)] * 2, grpc.StatusCode.INVALID_ARGUMENT,
+     "Duplicate evaluation of signature: regress_x_to_y"),
+    ([("hp", "nope", REGRESS)], grpc.StatusCode.INVALID_ARGUMENT,
+     "Requested signature not found in model graph: nope"),
+    ([("hp", "serving_default", "tensorflow/serving/predict")], grpc.StatusCode.UNIMPLEMENTED,
+     "Unsupported signature method_name: tensorflow/serving/predict"),
+], ids=["two-models", "duplicate", "no-signature", "predict"])
+def test_multi_inference_errors_are_tf_servings(channel: grpc.Channel, tasks: list[tuple[str, str, str]],
+                                                code: grpc.StatusCode, message: str) -> None:
+    request = inference_pb2.MultiInferenceRequest()
+    request.tasks.extend([_task(*t) for t in tasks])
+    request.input.example_list.examples.append(_example(x=1.0))
+    with pytest.raises(grpc.RpcError) as info:
+        prediction_service_pb2_grpc.PredictionServiceStub(channel).MultiInference(request, timeout=10)
+    assert (info.value.code(), info.value.details()) == (code, message)
+
+
 def test_a_method_not_written_yet_is_unimplemented(channel: grpc.Channel) -> None:
-    from tensorflow_serving.apis import inference_pb2
+    from tensorflow_serving.apis import model_management_pb2
 
     with pytest.raises(grpc.RpcError) as info:
-        prediction_service_pb2_grpc.PredictionServiceStub(channel).MultiInference(
-            inference_pb2.MultiInferenceRequest(), timeout=10)
+        model_service_pb2_grpc.ModelServiceStub(channel).HandleReloadConfigRequest(
+            model_management_pb2.ReloadConfigRequest(), timeout=10)
     assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 

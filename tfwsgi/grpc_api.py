@@ -5,10 +5,10 @@ Each gunicorn worker runs one ``grpc.server`` on ``TFWSGI_PORT``, bound with ``g
 so the kernel spreads new connections over the workers, as grpc's own
 examples/python/multiprocessing does ("one server per subprocess, balancing requests between the
 servers using the SO_REUSEPORT socket option"). The server starts in the worker, after fork
-(``hooks.post_worker_init``): that README also says fork without exec is supported only
-"*before* any gRPC servers have been instantiated", so gunicorn's master never imports this
-module, grpcio or the generated services (tensorflow-serving-api's protos import TensorFlow's
-package, which only a worker runs). It stops gracefully in ``hooks.worker_exit``.
+(``hooks.post_fork``, before the models load: see ``Core``): that README also says fork without
+exec is supported only "*before* any gRPC servers have been instantiated", so gunicorn's master
+never imports this module, grpcio or the generated services (tensorflow-serving-api's protos
+import TensorFlow's package, which only a worker runs). It stops gracefully in ``hooks.worker_exit``.
 
 Implemented: Predict (with ``output_filter``), Classify, Regress, MultiInference,
 GetModelMetadata (``signature_def``) and GetModelStatus. HandleReloadConfigRequest answers
@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Mapping
 from concurrent import futures
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import grpc
@@ -41,11 +42,8 @@ from tensorflow_serving.apis import (
 
 from . import metrics, protocodec
 from .dataplane import DataPlane, ModelSpec, Options, ProtoPredict
-from .errors import Code, InvalidArgument, TFWSGIError, Unimplemented
+from .errors import Code, InvalidArgument, TFWSGIError, Unavailable, Unimplemented
 from .interfaces import DEFAULT_SIGNATURE
-
-if TYPE_CHECKING:
-    from .application import WorkerState
 
 log = logging.getLogger("tfwsgi")
 T = TypeVar("T")
@@ -53,6 +51,7 @@ T = TypeVar("T")
 # tensorflow_serving/model_servers/server.cc: builder.SetMaxMessageSize(tensorflow::kint32max).
 MAX_MESSAGE_BYTES = 2**31 - 1
 _STATUS = {code.value[0]: code for code in grpc.StatusCode}  # grpc's numbers are Code's
+LOAD_WAIT_SECONDS = 120.0  # how long a call waits for a starting worker's models (then UNAVAILABLE)
 _NO_DEADLINE = 1e8  # seconds: grpcio reports a call without deadline as this far away or more
 
 
@@ -139,9 +138,38 @@ def _answer(context: grpc.ServicerContext, call: Callable[..., T], *args: Any, *
     raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
 
 
-class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
-    def __init__(self, dataplane: DataPlane) -> None:
-        self.dataplane = dataplane
+class Core:
+    """The worker's DataPlane, once its app is built. The server starts in ``post_fork``, before
+    the models load, so that a reload (new workers forked, old ones stopped at once) leaves no
+    moment with nothing listening on the port; calls that come meanwhile wait here, as REST
+    connections wait in the master's backlog."""
+
+    def __init__(self, dataplane: DataPlane | None = None) -> None:
+        self._dataplane = dataplane
+        self._ready = threading.Event()
+        if dataplane is not None:
+            self._ready.set()
+
+    def set(self, dataplane: DataPlane) -> None:
+        self._dataplane = dataplane
+        self._ready.set()
+
+    def get(self, timeout: float = LOAD_WAIT_SECONDS) -> DataPlane:
+        if not self._ready.wait(timeout) or self._dataplane is None:
+            raise Unavailable("The server is still loading its models")
+        return self._dataplane
+
+
+class _Servicer:
+    def __init__(self, core: Core) -> None:
+        self.core = core
+
+    @property
+    def dataplane(self) -> DataPlane:
+        return self.core.get()
+
+
+class PredictionServicer(_Servicer, prediction_service_pb2_grpc.PredictionServiceServicer):
 
     def Predict(self, request: Any, context: grpc.ServicerContext) -> Any:
         name = request.model_spec.name
@@ -251,9 +279,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         return response
 
 
-class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
-    def __init__(self, dataplane: DataPlane) -> None:
-        self.dataplane = dataplane
+class ModelServicer(_Servicer, model_service_pb2_grpc.ModelServiceServicer):
 
     def GetModelStatus(self, request: Any, context: grpc.ServicerContext) -> Any:
         return _answer(context, self._status, request)
@@ -276,25 +302,24 @@ def threads() -> int:
     return 4 * max(1, cores)
 
 
-def build(dataplane: DataPlane) -> grpc.Server:
-    """A gRPC server with both services over ``dataplane``, not yet bound or started."""
+def build(core: Core | DataPlane) -> grpc.Server:
+    """A gRPC server with both services over ``core``, not yet bound or started."""
+    if not isinstance(core, Core):
+        core = Core(core)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=threads(), thread_name_prefix="tfwsgi-grpc"),
         options=[("grpc.so_reuseport", 1),
                  ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                  ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
-    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionServicer(dataplane), server)
-    model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(dataplane), server)
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionServicer(core), server)
+    model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(core), server)
     return server
 
 
-def serve(state: WorkerState) -> grpc.Server | None:
-    """Start this worker's gRPC server on ``TFWSGI_PORT`` (None when it is 0). A port that cannot
-    be bound stops the worker, as it stops TF Serving."""
-    port = state.settings.port
-    if not port:
-        return None
-    server = build(state.dataplane)
+def serve(core: Core, port: int) -> grpc.Server:
+    """Start this worker's gRPC server on ``port`` (0.0.0.0). A port that cannot be bound stops
+    the worker, as it stops TF Serving."""
+    server = build(core)
     server.add_insecure_port(f"0.0.0.0:{port}")  # raises RuntimeError when it cannot bind
     server.start()
     log.info("tfwsgi: worker %d serves gRPC on port %d", os.getpid(), port)

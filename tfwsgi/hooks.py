@@ -255,12 +255,13 @@ class WorkerSetup:
     started: float
     heartbeat: _Heartbeat | None
     tf_threads: tuple[int, int]
-    grpc: Any = None  # this worker's grpc.Server (tfwsgi.grpc_api), once it serves TFWSGI_PORT
+    grpc: Any = None  # this worker's grpc.Server (tfwsgi.grpc_api) on TFWSGI_PORT, if any
+    grpc_core: Any = None  # its grpc_api.Core, given the app's DataPlane in post_worker_init
 
 
 def post_fork(server: Any, worker: Any) -> None:
-    """Worker, right after fork: its cores, logging, TF's threads and malloc; the models load
-    next, in the app factory, with a heartbeat running meanwhile."""
+    """Worker, right after fork: its cores, logging, TF's threads and malloc, and its gRPC server
+    (TFWSGI_PORT); the models load next, in the app factory, with a heartbeat running meanwhile."""
     started = time.monotonic()
     _pin(worker)  # first: every thread made below inherits the cores
     _share_gunicorn_logging(server)
@@ -273,19 +274,23 @@ def post_fork(server: Any, worker: Any) -> None:
     configure_threads(*tf_threads)
     initialize_runtime()  # here, where its CUDA probe's lines can be left out of the log
     _limit_malloc_arenas()
-    worker.tfwsgi = WorkerSetup(started, heartbeat, tf_threads)
+    worker.tfwsgi = setup = WorkerSetup(started, heartbeat, tf_threads)
+    port = from_env().port
+    if port:
+        # Here, after fork (grpcio's core must never start in the master) and before the models
+        # load: a reload's new workers listen at once (tfwsgi.grpc_api.Core).
+        from .grpc_api import Core, serve
+
+        setup.grpc_core = Core()
+        setup.grpc = serve(setup.grpc_core, port)
 
 
 def post_worker_init(worker: Any) -> None:
-    """Worker, app (and models) loaded, about to take requests: its gRPC server starts (here,
-    never in the master: grpcio does not survive a fork), and its own loop keeps the heartbeat
-    from now on."""
+    """Worker, app (and models) loaded, about to take requests: its gRPC calls go to the app's
+    core, and its own loop keeps the heartbeat from now on."""
     setup: WorkerSetup = worker.tfwsgi
-    state = worker.wsgi.extensions["tfwsgi"]
-    if state.settings.port:
-        from .grpc_api import serve
-
-        setup.grpc = serve(state)
+    if setup.grpc_core is not None:
+        setup.grpc_core.set(worker.wsgi.extensions["tfwsgi"].dataplane)  # calls waiting go on
     if setup.heartbeat is not None:
         setup.heartbeat.stop()
         setup.heartbeat = None

@@ -186,7 +186,7 @@ def test_a_method_not_written_yet_is_unimplemented(channel: grpc.Channel) -> Non
 
 def test_the_master_s_modules_never_import_grpc() -> None:
     """What gunicorn's master imports (gunicorn_conf.py, the hooks, the app's modules) leaves
-    grpcio out: only a worker's post_worker_init imports tfwsgi.grpc_api."""
+    grpcio out: only a worker's post_fork imports tfwsgi.grpc_api."""
     code = ("import sys, tfwsgi, tfwsgi.hooks, tfwsgi.application, tfwsgi.api, tfwsgi.dataplane\n"
             "assert not [m for m in sys.modules if m == 'grpc' or m.startswith('grpc.')], 'imported'\n")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=60)

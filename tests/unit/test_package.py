@@ -22,7 +22,7 @@ def test_no_submodule_shadows_the_app_attribute() -> None:
 
 # servable.py runs TensorFlow; grpc_api.py runs none, but tensorflow-serving-api's generated
 # services import the `tensorflow` package (TensorProto and the other messages live in it), so it
-# is imported only in a worker (hooks.post_worker_init), where servable.py has loaded TensorFlow.
+# is imported only in a worker (hooks.post_fork), where servable.py has loaded TensorFlow.
 TENSORFLOW_MODULES = {"servable", "grpc_api"}
 
 

@@ -64,3 +64,7 @@ def child_exit(server, worker):
 
 def worker_exit(server, worker):
     hooks.worker_exit(server, worker)
+
+
+def on_exit(server):
+    hooks.on_exit(server)

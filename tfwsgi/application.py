@@ -24,6 +24,7 @@ from .cache import PredictionCache
 from .dataplane import DataPlane
 from .errors import ConfigError, TFWSGIError
 from .manager import ModelManager, manager_from_settings, watch
+from .reloads import RELOAD_DIR_ENV, Reloads, begin
 from .settings import Settings, from_env, names
 
 log = logging.getLogger("tfwsgi")
@@ -48,6 +49,7 @@ class _NoSessions(SessionInterface):
 class WorkerState:
     settings: Settings
     dataplane: DataPlane
+    reloads: Reloads | None = None  # HandleReloadConfigRequest (tfwsgi.reloads)
 
 
 def create_app(manager: ModelManager | None = None, settings: Settings | None = None) -> Flask:
@@ -56,9 +58,16 @@ def create_app(manager: ModelManager | None = None, settings: Settings | None = 
     settings = settings or from_env()
     if manager is None:
         import_custom_op_modules(settings.custom_op_modules)
-        manager = manager_from_settings(settings)
+        # Under gunicorn, from the latest config a gRPC reload sent to any worker (tfwsgi.reloads).
+        directory = os.environ.get(RELOAD_DIR_ENV)
+        start = begin(directory)
+        manager = manager_from_settings(settings, start.configs)
         manager.load_all()
         watch(manager, settings)
+        reloads = Reloads(manager, directory, start)
+        reloads.started()
+    else:
+        reloads = Reloads(manager)
 
     app = Flask("tfwsgi")
     app.session_interface = _NoSessions()
@@ -68,7 +77,7 @@ def create_app(manager: ModelManager | None = None, settings: Settings | None = 
     if batcher is not None:
         manager.add_listener(batcher)  # it forgets a version once it is unloaded
     dataplane = DataPlane(manager, cache, batcher, settings.enable_signature_method_name_check)
-    app.extensions["tfwsgi"] = WorkerState(settings, dataplane)
+    app.extensions["tfwsgi"] = WorkerState(settings, dataplane, reloads)
 
     app.add_url_rule("/v2/health/live", "live", _live)
     app.add_url_rule("/v2/health/ready", "ready", _ready)

@@ -11,8 +11,8 @@ never imports this module, grpcio or the generated services (tensorflow-serving-
 import TensorFlow's package, which only a worker runs). It stops gracefully in ``hooks.worker_exit``.
 
 Implemented: Predict (with ``output_filter``), Classify, Regress, MultiInference,
-GetModelMetadata (``signature_def``) and GetModelStatus. HandleReloadConfigRequest answers
-UNIMPLEMENTED (grpcio's default for a method the servicer does not define).
+GetModelMetadata (``signature_def``), GetModelStatus and HandleReloadConfigRequest (applied in
+every worker through ``tfwsgi.reloads``).
 """
 
 from __future__ import annotations
@@ -28,12 +28,13 @@ from urllib.parse import quote
 
 import grpc
 import numpy as np
-from google.protobuf import json_format
+from google.protobuf import json_format, text_format
 from tensorflow_serving.apis import (
     classification_pb2,
     get_model_metadata_pb2,
     get_model_status_pb2,
     inference_pb2,
+    model_management_pb2,
     model_service_pb2_grpc,
     predict_pb2,
     prediction_service_pb2_grpc,
@@ -44,6 +45,7 @@ from . import metrics, protocodec
 from .dataplane import DataPlane, ModelSpec, Options, ProtoPredict
 from .errors import Code, InvalidArgument, TFWSGIError, Unavailable, Unimplemented
 from .interfaces import DEFAULT_SIGNATURE
+from .reloads import UNSUPPORTED, Reloads
 
 log = logging.getLogger("tfwsgi")
 T = TypeVar("T")
@@ -144,14 +146,16 @@ class Core:
     moment with nothing listening on the port; calls that come meanwhile wait here, as REST
     connections wait in the master's backlog."""
 
-    def __init__(self, dataplane: DataPlane | None = None) -> None:
+    def __init__(self, dataplane: DataPlane | None = None, reloads: Reloads | None = None) -> None:
         self._dataplane = dataplane
+        self.reloads = reloads
         self._ready = threading.Event()
         if dataplane is not None:
             self._ready.set()
 
-    def set(self, dataplane: DataPlane) -> None:
+    def set(self, dataplane: DataPlane, reloads: Reloads | None = None) -> None:
         self._dataplane = dataplane
+        self.reloads = reloads
         self._ready.set()
 
     def get(self, timeout: float = LOAD_WAIT_SECONDS) -> DataPlane:
@@ -295,6 +299,28 @@ class ModelServicer(_Servicer, model_service_pb2_grpc.ModelServiceServicer):
             status.status.error_message = s.error_message
         return response
 
+    def HandleReloadConfigRequest(self, request: Any, context: grpc.ServicerContext) -> Any:
+        # tensorflow_serving/model_servers/model_service_impl.cc: only a model_config_list; the
+        # outcome is the gRPC status and the response's StatusProto; the metrics it names are
+        # TF Serving's own (tsl monitoring), which tfwsgi has not: each is reported with increase 0.
+        _answer(context, self._reload, request, context)
+        response = model_management_pb2.ReloadConfigResponse()
+        response.status.error_code = Code.OK.value
+        for name in request.metric_names:
+            response.metric.add(name=name, int64_value_increase=0)
+        return response
+
+    def _reload(self, request: Any, context: grpc.ServicerContext) -> None:
+        if request.config.WhichOneof("config") != "model_config_list":
+            raise InvalidArgument(UNSUPPORTED)
+        self.core.get()  # a starting worker's call waits for its models first
+        reloads = self.core.reloads
+        if reloads is None:
+            raise Unimplemented("HandleReloadConfigRequest is not served by this process")
+        log.info("tfwsgi: pid %d HandleReloadConfigRequest: %d models", os.getpid(),
+                 len(request.config.model_config_list.config))
+        reloads.reload(text_format.MessageToString(request.config), _options(context).deadline)
+
 
 def threads() -> int:
     """TF Serving's ``--grpc_max_threads`` default, 4 × the cores (this worker's)."""
@@ -302,10 +328,10 @@ def threads() -> int:
     return 4 * max(1, cores)
 
 
-def build(core: Core | DataPlane) -> grpc.Server:
-    """A gRPC server with both services over ``core``, not yet bound or started."""
+def build(core: Core | DataPlane, reloads: Reloads | None = None) -> grpc.Server:
+    """A gRPC server with both services over ``core`` (and ``reloads``), not yet bound or started."""
     if not isinstance(core, Core):
-        core = Core(core)
+        core = Core(core, reloads)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=threads(), thread_name_prefix="tfwsgi-grpc"),
         options=[("grpc.so_reuseport", 1),

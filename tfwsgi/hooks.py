@@ -132,6 +132,9 @@ def on_starting(server: Any) -> None:
     settings = from_env()
     configs = model_configs(settings)
     _prepare_metrics_dir(settings)
+    from .reloads import prepare_dir
+
+    prepare_dir()  # where a gRPC config reload reaches every worker (tfwsgi.reloads)
     from .metrics import prometheus_paths
 
     prometheus_paths(settings.monitoring_config_file)  # a bad monitoring config stops the start
@@ -191,15 +194,27 @@ def child_exit(server: Any, worker: Any) -> None:
     """Master, when a worker exits: count it, retire its live gauges, archive its counters, and
     take it out of the connection balance of the threaded workers."""
     from .metrics import mark_process_dead
+    from .reloads import RELOAD_DIR_ENV, forget
     from .worker import retire
 
     mark_process_dead(worker.pid)
     retire(worker.age)
+    forget(os.environ.get(RELOAD_DIR_ENV), worker.pid)  # a config reload waits for it no more
+
+
+def on_exit(server: Any) -> None:
+    """Master, leaving: remove its config reload directory."""
+    from .reloads import remove_dir
+
+    remove_dir()
 
 
 def worker_exit(server: Any, worker: Any) -> None:
     """Worker, leaving (max_requests, reload, stop): stop its gRPC server (calls in flight
     finish), then write out the requests it counted."""
+    from .reloads import RELOAD_DIR_ENV, forget
+
+    forget(os.environ.get(RELOAD_DIR_ENV), os.getpid())  # leaving: a config reload waits not for it
     setup: WorkerSetup | None = getattr(worker, "tfwsgi", None)
     if setup is not None and setup.grpc is not None:
         from .grpc_api import stop
@@ -290,7 +305,8 @@ def post_worker_init(worker: Any) -> None:
     core, and its own loop keeps the heartbeat from now on."""
     setup: WorkerSetup = worker.tfwsgi
     if setup.grpc_core is not None:
-        setup.grpc_core.set(worker.wsgi.extensions["tfwsgi"].dataplane)  # calls waiting go on
+        state = worker.wsgi.extensions["tfwsgi"]
+        setup.grpc_core.set(state.dataplane, state.reloads)  # calls waiting go on
     if setup.heartbeat is not None:
         setup.heartbeat.stop()
         setup.heartbeat = None

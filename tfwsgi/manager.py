@@ -307,9 +307,10 @@ class ModelManager:
         del self._removed[name]
 
 
-def manager_from_settings(settings: Settings) -> ModelManager:
-    """The manager the settings describe: models, load retries, warmup in its loader, and its
-    listeners for metrics and for memory release."""
+def manager_from_settings(settings: Settings,
+                          configs: Sequence[ModelConfig] | None = None) -> ModelManager:
+    """The manager the settings describe: models (``configs``, or the settings' own), load
+    retries, warmup in its loader, and its listeners for metrics and for memory release."""
 
     def loader(name: str, version: int, path: str) -> Any:
         from .servable import Servable
@@ -324,7 +325,8 @@ def manager_from_settings(settings: Settings) -> ModelManager:
 
     retry = RetryPolicy(settings.max_num_load_retries, settings.load_retry_interval_micros / 1e6)
     read = (lambda: model_configs(settings)) if settings.model_config_file else None
-    manager = ModelManager(model_configs(settings), loader, retry, ModelObserver(), read)
+    start = model_configs(settings) if configs is None else configs
+    manager = ModelManager(start, loader, retry, ModelObserver(), read)
     manager.add_listener(MemoryRelease())
     return manager
 

@@ -166,23 +166,28 @@ class Source:
         self._read_configs = read_configs
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # One proposal at a time, each from the configs in force when it is made: a poll's scan
+        # must not land after (and undo) a new config proposed from another thread (a reload).
+        self._proposing = threading.RLock()
 
     def propose(self, initial: bool = False) -> None:
         """Scan every base path and propose what each model aspires to (``initial``: the first
         look, which warns of a model with no versions)."""
-        proposal: dict[str, AspiredVersions] = {}
-        for config in self.configs:
-            aspired = aspired_versions(config, scan_versions(config.base_path))
-            if initial and not aspired.versions:
-                log.warning("tfwsgi: no versions of model %s found under base path %s",
-                            config.name, config.base_path)
-            proposal[config.name] = aspired
-        self._target(proposal)
+        with self._proposing:
+            proposal: dict[str, AspiredVersions] = {}
+            for config in self.configs:
+                aspired = aspired_versions(config, scan_versions(config.base_path))
+                if initial and not aspired.versions:
+                    log.warning("tfwsgi: no versions of model %s found under base path %s",
+                                config.name, config.base_path)
+                proposal[config.name] = aspired
+            self._target(proposal)
 
     def set_configs(self, configs: Sequence[ModelConfig]) -> None:
         """A new model config: propose from it at once (added models load, removed ones unload)."""
-        self.configs = list(configs)
-        self.propose()
+        with self._proposing:
+            self.configs = list(configs)
+            self.propose()
 
     def poll_config(self) -> None:
         """Read the model config file again; a change is proposed, a bad edit keeps the config in force."""

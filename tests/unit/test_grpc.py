@@ -175,12 +175,14 @@ def test_multi_inference_errors_are_tf_servings(channel: grpc.Channel, tasks: li
     assert (info.value.code(), info.value.details()) == (code, message)
 
 
-def test_a_method_not_written_yet_is_unimplemented(channel: grpc.Channel) -> None:
+def test_a_reload_without_a_reloader_is_unimplemented(channel: grpc.Channel) -> None:
+    """A server built over a bare DataPlane (no tfwsgi.reloads) cannot apply a reload."""
     from tensorflow_serving.apis import model_management_pb2
 
+    request = model_management_pb2.ReloadConfigRequest()
+    request.config.model_config_list.SetInParent()
     with pytest.raises(grpc.RpcError) as info:
-        model_service_pb2_grpc.ModelServiceStub(channel).HandleReloadConfigRequest(
-            model_management_pb2.ReloadConfigRequest(), timeout=10)
+        model_service_pb2_grpc.ModelServiceStub(channel).HandleReloadConfigRequest(request, timeout=10)
     assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 

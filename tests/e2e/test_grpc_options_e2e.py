@@ -6,6 +6,8 @@ stubs), --grpc_channel_arguments lowering the message limit, --grpc_max_threads,
 from __future__ import annotations
 
 import concurrent.futures
+import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -128,3 +130,29 @@ def test_a_model_s_health_follows_a_config_reload_that_removes_it(rpc: Rpc) -> N
         assert time.monotonic() < deadline, "multi still serving 30 s after it left the config"
         time.sleep(0.2)
     assert [rpc.status(s) for s in ("", "hp")] == ["SERVING", "SERVING"]  # every configured model up
+
+
+def test_health_is_not_serving_as_soon_as_the_worker_is_told_to_stop(rpc: Rpc) -> None:
+    """SIGTERM (a stop, a reload retiring the worker): a watcher hears NOT_SERVING at once, while
+    the worker still finishes the REST request it holds, not only when the worker exits. Last in
+    this module: the worker it stops is replaced by a new one."""
+    watch = rpc.health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=60)
+    assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+    (worker,) = rpc.server.worker_pids()
+    done: dict[str, float] = {}
+
+    def rest() -> int:
+        answer = rpc.server.post("/v1/models/hp:predict", json={"instances": [7.0]})  # waits in the batcher
+        done["rest"] = time.monotonic()
+        return answer.status_code
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        in_flight = pool.submit(rest)
+        time.sleep(BATCH_WAIT_S / 3)  # the request is in the batcher's window now
+        os.kill(worker, signal.SIGTERM)
+        status = next(watch).status
+        done["health"] = time.monotonic()
+        assert in_flight.result() == 200
+    watch.cancel()
+    assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert done["health"] < done["rest"]

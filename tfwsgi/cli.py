@@ -66,15 +66,13 @@ EXTRA_FLAGS: dict[str, Flag] = {f.name: f for f in (
 )}
 
 # tensorflow_model_server's other flags (main.cc), each refused with the reason.
-_GRPC = "gRPC option not implemented yet (issue 19)"
 UNSUPPORTED_FLAGS: dict[str, str] = {
-    "grpc_socket_path": _GRPC,
-    "grpc_channel_arguments": _GRPC,
-    "grpc_max_threads": _GRPC,
-    "enable_grpc_healthcheck_service": _GRPC,
-    "enable_serialization_as_tensor_content": _GRPC,
-    "use_alts_credentials": _GRPC,
-    "ssl_config_file": _GRPC,
+    "grpc_socket_path": "gRPC on a UNIX socket is not implemented: every worker would bind the "
+                        "one path, and the kernel spreads connections over workers only for "
+                        "TCP (SO_REUSEPORT)",
+    "use_alts_credentials": "gRPC with ALTS credentials is not implemented (terminate them in "
+                            "front of tfwsgi)",
+    "ssl_config_file": "gRPC with TLS is not implemented (terminate it in front of tfwsgi)",
     "rest_api_num_threads": "each gunicorn worker has its own request threads; size the server "
                             "with --workers",
     "allow_version_labels_for_unavailable_models": "not implemented",

@@ -12,7 +12,13 @@ import TensorFlow's package, which only a worker runs). It stops gracefully in `
 
 Implemented: Predict (with ``output_filter``), Classify, Regress, MultiInference,
 GetModelMetadata (``signature_def``), GetModelStatus and HandleReloadConfigRequest (applied in
-every worker through ``tfwsgi.reloads``).
+every worker through ``tfwsgi.reloads``). With ``TFWSGI_ENABLE_GRPC_HEALTHCHECK_SERVICE``, gRPC's
+standard health service too (``Health``).
+
+TF Serving's server options (tensorflow_serving/model_servers/server.cc ``BuildAndStart``):
+``SetMaxMessageSize(INT32_MAX)``, then ``--grpc_channel_arguments`` (which override it here),
+``--grpc_max_threads`` (its ResourceQuota; here the server's thread pool: a call beyond them waits
+for a thread) and ``--enable_serialization_as_tensor_content``.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from urllib.parse import quote
 import grpc
 import numpy as np
 from google.protobuf import json_format, text_format
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from tensorflow_serving.apis import (
     classification_pb2,
     get_model_metadata_pb2,
@@ -45,13 +52,16 @@ from . import metrics, protocodec
 from .dataplane import DataPlane, ModelSpec, Options, ProtoPredict
 from .errors import Code, InvalidArgument, TFWSGIError, Unavailable, Unimplemented
 from .interfaces import DEFAULT_SIGNATURE
+from .manager import Listener, ModelManager
 from .reloads import UNSUPPORTED, Reloads
+from .settings import INT32_MAX, Settings, channel_arguments, from_env
+from .source import model_configs
 
 log = logging.getLogger("tfwsgi")
 T = TypeVar("T")
 
 # tensorflow_serving/model_servers/server.cc: builder.SetMaxMessageSize(tensorflow::kint32max).
-MAX_MESSAGE_BYTES = 2**31 - 1
+MAX_MESSAGE_BYTES = INT32_MAX
 _STATUS = {code.value[0]: code for code in grpc.StatusCode}  # grpc's numbers are Code's
 LOAD_WAIT_SECONDS = 120.0  # how long a call waits for a starting worker's models (then UNAVAILABLE)
 _NO_DEADLINE = 1e8  # seconds: grpcio reports a call without deadline as this far away or more
@@ -147,21 +157,93 @@ class Core:
     connections wait in the master's backlog."""
 
     def __init__(self, dataplane: DataPlane | None = None, reloads: Reloads | None = None) -> None:
-        self._dataplane = dataplane
+        self._dataplane: DataPlane | None = None
         self.reloads = reloads
         self._ready = threading.Event()
+        self.health: Health | None = None  # set by build() when the health service is on
         if dataplane is not None:
-            self._ready.set()
+            self.set(dataplane, reloads)
 
     def set(self, dataplane: DataPlane, reloads: Reloads | None = None) -> None:
         self._dataplane = dataplane
         self.reloads = reloads
+        if self.health is not None:
+            self.health.attach(dataplane.manager)
         self._ready.set()
+
+    def use_health(self, health_: Health, settings: Settings) -> None:
+        """Keep ``health_`` following the models: the app's manager once there is one; until
+        then the configured models, all NOT_SERVING (they are loading)."""
+        self.health = health_
+        if self._dataplane is not None:
+            health_.attach(self._dataplane.manager)
+        else:
+            health_.update({c.name: False for c in model_configs(settings)})
+
+    def shutdown(self) -> None:
+        """The worker starts to stop: its health statuses go NOT_SERVING."""
+        if self.health is not None:
+            self.health.shutdown()
 
     def get(self, timeout: float = LOAD_WAIT_SECONDS) -> DataPlane:
         if not self._ready.wait(timeout) or self._dataplane is None:
             raise Unavailable("The server is still loading its models")
         return self._dataplane
+
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# The services server.cc marks SERVING when --enable_grpc_healthcheck_service is on (with gRPC's
+# overall "" of the default health service); here they follow this worker's readiness.
+SERVER_SERVICES = (health.OVERALL_HEALTH, "ModelService", "PredictionService")
+
+
+class Health(Listener):
+    """The statuses of gRPC's health service in one worker, following its models as
+    ``/v2/health/ready`` does (``ModelManager.ready``): the server's names SERVING once every
+    configured model has a version available (NOT_SERVING until the worker's app is built), each
+    model's name SERVING while it has one; a model no longer configured NOT_SERVING; everything
+    NOT_SERVING for good once the worker starts to stop (``shutdown``). A manager listener, so
+    every load and unload updates it as it happens. A model named like one of the server's
+    services is reported by the server's status."""
+
+    def __init__(self, servicer: health.HealthServicer) -> None:
+        self.servicer = servicer
+        self._lock = threading.Lock()
+        self._manager: ModelManager | None = None
+        self._models: set[str] = set()
+        self.update({})
+
+    def attach(self, manager: ModelManager) -> None:
+        """Follow ``manager`` from now on (the worker's app is built)."""
+        self._manager = manager
+        manager.add_listener(self)
+        self.update(manager.ready())
+
+    def state(self, name: str, version: int, old: str | None, new: str) -> None:
+        if self._manager is not None:
+            self.update(self._manager.ready())
+
+    def unloaded(self, name: str, version: int) -> None:
+        if self._manager is not None:
+            self.update(self._manager.ready())
+
+    def update(self, ready: Mapping[str, bool]) -> None:
+        """Set every status from ``ready`` (each configured model: has it a version available?)."""
+        with self._lock:
+            for name in self._models - set(ready):
+                self.servicer.set(name, NOT_SERVING)
+            self._models |= set(ready)
+            for name, ok in ready.items():
+                if name not in SERVER_SERVICES:
+                    self.servicer.set(name, SERVING if ok else NOT_SERVING)
+            overall = self._manager is not None and all(ready.values())
+            for name in SERVER_SERVICES:
+                self.servicer.set(name, SERVING if overall else NOT_SERVING)
+
+    def shutdown(self) -> None:
+        """Every service NOT_SERVING from now on (watchers are told at once)."""
+        self.servicer.enter_graceful_shutdown()
 
 
 class _Servicer:
@@ -174,6 +256,11 @@ class _Servicer:
 
 
 class PredictionServicer(_Servicer, prediction_service_pb2_grpc.PredictionServiceServicer):
+
+    def __init__(self, core: Core, tensor_content: bool = False) -> None:
+        super().__init__(core)
+        # --enable_serialization_as_tensor_content: Tensor::AsProtoTensorContent, not AsProtoField
+        self._fill = protocodec.fill_content if tensor_content else protocodec.fill
 
     def Predict(self, request: Any, context: grpc.ServicerContext) -> Any:
         name = request.model_spec.name
@@ -188,7 +275,7 @@ class PredictionServicer(_Servicer, prediction_service_pb2_grpc.PredictionServic
         response = predict_pb2.PredictResponse()
         _model_spec(response, spec.name, answer.version, answer.signature_name)
         for alias, array in body.select(answer.outputs).items():
-            protocodec.fill(response.outputs[alias], array)
+            self._fill(response.outputs[alias], array)
         return response
 
     def Classify(self, request: Any, context: grpc.ServicerContext) -> Any:
@@ -322,30 +409,48 @@ class ModelServicer(_Servicer, model_service_pb2_grpc.ModelServiceServicer):
         reloads.reload(text_format.MessageToString(request.config), _options(context).deadline)
 
 
-def threads() -> int:
-    """TF Serving's ``--grpc_max_threads`` default, 4 × the cores (this worker's)."""
+def threads(settings: Settings | None = None) -> int:
+    """``--grpc_max_threads``, or TF Serving's default: 4 × the cores (this worker's)."""
+    if settings is not None and settings.grpc_max_threads:
+        return settings.grpc_max_threads
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return 4 * max(1, cores)
 
 
-def build(core: Core | DataPlane, reloads: Reloads | None = None) -> grpc.Server:
-    """A gRPC server with both services over ``core`` (and ``reloads``), not yet bound or started."""
+def server_options(settings: Settings) -> list[tuple[str, int | str]]:
+    """grpc.server's options: SO_REUSEPORT, TF Serving's message limits (int32 max), then
+    ``grpc_channel_arguments``, which override them (one value per key)."""
+    options: dict[str, int | str] = {"grpc.so_reuseport": 1,
+                                     "grpc.max_receive_message_length": MAX_MESSAGE_BYTES,
+                                     "grpc.max_send_message_length": MAX_MESSAGE_BYTES}
+    options.update(channel_arguments(settings.grpc_channel_arguments))
+    return list(options.items())
+
+
+def build(core: Core | DataPlane, settings: Settings | None = None,
+          reloads: Reloads | None = None) -> grpc.Server:
+    """A gRPC server with the services over ``core`` (and ``reloads``), configured by ``settings``
+    (default: the environment's), not yet bound or started."""
+    settings = settings or from_env()
     if not isinstance(core, Core):
         core = Core(core, reloads)
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=threads(), thread_name_prefix="tfwsgi-grpc"),
-        options=[("grpc.so_reuseport", 1),
-                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
-    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionServicer(core), server)
+        futures.ThreadPoolExecutor(max_workers=threads(settings), thread_name_prefix="tfwsgi-grpc"),
+        options=server_options(settings))
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
+        PredictionServicer(core, settings.enable_serialization_as_tensor_content), server)
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(core), server)
+    if settings.enable_grpc_healthcheck_service:
+        servicer = health.HealthServicer()
+        core.use_health(Health(servicer), settings)
+        health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
     return server
 
 
-def serve(core: Core, port: int) -> grpc.Server:
+def serve(core: Core, port: int, settings: Settings | None = None) -> grpc.Server:
     """Start this worker's gRPC server on ``port`` (0.0.0.0). A port that cannot be bound stops
     the worker, as it stops TF Serving."""
-    server = build(core)
+    server = build(core, settings)
     server.add_insecure_port(f"0.0.0.0:{port}")  # raises RuntimeError when it cannot bind
     server.start()
     log.info("tfwsgi: worker %d serves gRPC on port %d", os.getpid(), port)

@@ -7,10 +7,11 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import signal
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -219,6 +220,8 @@ def worker_exit(server: Any, worker: Any) -> None:
     if setup is not None and setup.grpc is not None:
         from .grpc_api import stop
 
+        if setup.grpc_core is not None:
+            setup.grpc_core.shutdown()  # health NOT_SERVING (max_requests: no SIGTERM came)
         stop(setup.grpc, grace=max(1.0, server.cfg.graceful_timeout - 1.0))
         setup.grpc = None
     from .metrics import flush
@@ -290,14 +293,28 @@ def post_fork(server: Any, worker: Any) -> None:
     initialize_runtime()  # here, where its CUDA probe's lines can be left out of the log
     _limit_malloc_arenas()
     worker.tfwsgi = setup = WorkerSetup(started, heartbeat, tf_threads)
-    port = from_env().port
-    if port:
+    settings = from_env()
+    if settings.port:
         # Here, after fork (grpcio's core must never start in the master) and before the models
         # load: a reload's new workers listen at once (tfwsgi.grpc_api.Core).
         from .grpc_api import Core, serve
 
         setup.grpc_core = Core()
-        setup.grpc = serve(setup.grpc_core, port)
+        setup.grpc = serve(setup.grpc_core, settings.port, settings)
+
+
+def _on_graceful_stop(action: Callable[[], None]) -> None:
+    """Run ``action`` (in a thread of its own, never in the signal handler's frame) as soon as
+    this worker is asked to stop gracefully (SIGTERM: a stop, a reload's retirement), then
+    gunicorn's own handler, which lets the requests in flight finish."""
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def handle(signum: int, frame: Any) -> None:
+        threading.Thread(target=action, name="tfwsgi-graceful-stop", daemon=True).start()
+        if callable(previous):
+            previous(signum, frame)
+
+    signal.signal(signal.SIGTERM, handle)
 
 
 def post_worker_init(worker: Any) -> None:
@@ -307,6 +324,7 @@ def post_worker_init(worker: Any) -> None:
     if setup.grpc_core is not None:
         state = worker.wsgi.extensions["tfwsgi"]
         setup.grpc_core.set(state.dataplane, state.reloads)  # calls waiting go on
+        _on_graceful_stop(setup.grpc_core.shutdown)
     if setup.heartbeat is not None:
         setup.heartbeat.stop()
         setup.heartbeat = None

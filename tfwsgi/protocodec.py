@@ -7,7 +7,8 @@ at all. Decoding follows ``Tensor::FromProto`` (tensorflow/core/framework/tensor
 of elements; otherwise the typed field (``float_val``, ``int_val``, ``string_val`` …) is read, an
 empty one giving zeros, a shorter one repeating its last value over the shape, a longer one
 cut to the shape (``FromProtoField``). Encoding follows TF Serving's default answer
-(``Tensor::AsProtoField``: typed fields, ``--enable_serialization_as_tensor_content=false``).
+(``Tensor::AsProtoField``: typed fields), or ``Tensor::AsProtoTensorContent`` with
+``--enable_serialization_as_tensor_content`` (``fill_content``).
 """
 
 from __future__ import annotations
@@ -147,8 +148,8 @@ def check_output_filter(output_filter: Any, outputs: Any) -> None:
         seen.add(alias)
 
 
-def fill(proto: Any, array: np.ndarray) -> None:
-    """Write ``array`` into an empty ``TensorProto`` as ``Tensor::AsProtoField`` does."""
+def _header(proto: Any, array: np.ndarray) -> tuple[_Type, np.ndarray]:
+    """Set ``proto``'s dtype and shape for ``array``; its type and its values, flat."""
     array = np.asarray(array)
     if array.dtype.kind in "SU":
         array = array.astype(object)
@@ -158,9 +159,41 @@ def fill(proto: Any, array: np.ndarray) -> None:
     proto.dtype = t.number
     for d in array.shape:
         proto.tensor_shape.dim.add().size = d
-    flat = array.reshape(-1)
+    return t, array.reshape(-1)
+
+
+def _bytes(value: Any) -> bytes:
+    return value if isinstance(value, bytes) else str(value).encode()
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def fill_content(proto: Any, array: np.ndarray) -> None:
+    """Write ``array`` into an empty ``TensorProto`` as ``Tensor::AsProtoTensorContent`` does
+    (TF Serving's ``--enable_serialization_as_tensor_content``): the raw little-endian values in
+    ``tensor_content``; strings as ``port::EncodeStringList`` writes them there (every length as
+    a varint, then every string's bytes), which TensorFlow's C++ reads and ``tf.make_ndarray``
+    does not."""
+    t, flat = _header(proto, array)
     if t.number == DT_STRING:
-        proto.string_val.extend(v if isinstance(v, bytes) else str(v).encode() for v in flat)
+        values = [_bytes(v) for v in flat]
+        proto.tensor_content = b"".join(_varint(len(v)) for v in values) + b"".join(values)
+    else:
+        proto.tensor_content = flat.astype(t.dtype.newbyteorder("<"), copy=False).tobytes()
+
+
+def fill(proto: Any, array: np.ndarray) -> None:
+    """Write ``array`` into an empty ``TensorProto`` as ``Tensor::AsProtoField`` does."""
+    t, flat = _header(proto, array)
+    if t.number == DT_STRING:
+        proto.string_val.extend(_bytes(v) for v in flat)
     elif t.number == 19:
         proto.half_val.extend(flat.view(np.uint16).astype(np.int32).tolist())
     elif t.dtype.kind == "c":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import sys
 import typing
 from collections.abc import Callable, Mapping
@@ -73,6 +74,35 @@ def names(value: str) -> tuple[str, ...]:
     """The items of a comma-separated setting (``saved_model_tags``, ``custom_op_modules``),
     stripped, empty ones left out."""
     return tuple(item.strip() for item in value.split(",") if item.strip())
+
+
+INT32_MAX = 2**31 - 1
+_ATOI = re.compile(r"[ \t\n\v\f\r]*[+-]?[0-9]+[ \t\n\v\f\r]*\Z")  # absl::SimpleAtoi's shape
+
+
+def channel_arguments(value: str) -> tuple[tuple[str, int | str], ...]:
+    """``grpc_channel_arguments`` as TF Serving's server.cc reads them (``parseGrpcChannelArgs``):
+    comma-separated ``key=value``, a value that is an int32 (``absl::SimpleAtoi``: decimal, sign
+    and surrounding white space allowed) passed as an int, any other as a string. Where
+    server.cc would crash (an item without ``=``) or silently drop text (``a=b=c``), ValueError."""
+    out: list[tuple[str, int | str]] = []
+    if not value:
+        return ()
+    for item in value.split(","):
+        parts = item.split("=")
+        if len(parts) != 2 or not parts[0]:
+            raise ValueError(f"expected comma-separated key=value, got {item!r}")
+        key, text = parts
+        if key == "grpc.so_reuseport":
+            raise ValueError("grpc.so_reuseport cannot be changed: every worker binds the port")
+        number = int(text) if _ATOI.match(text) else None
+        out.append((key, number if number is not None and -INT32_MAX - 1 <= number <= INT32_MAX
+                    else text))
+    return tuple(out)
+
+
+def _channel_arguments(value: str) -> None:
+    channel_arguments(value)
 
 
 def setting(default: T, doc: str, validate: Callable[[T], None] | None = None, secret: bool = False) -> T:
@@ -152,6 +182,25 @@ class Settings:
             "Port of TF Serving's gRPC API (PredictionService, ModelService), served by every "
             "worker on 0.0.0.0 with SO_REUSEPORT (the kernel spreads connections over the "
             "workers); 0 turns gRPC off.", _port_or_off)
+    grpc_max_threads: int = setting(0,
+            "Threads of each worker's gRPC server (TF Serving's `--grpc_max_threads`): calls "
+            "beyond them wait for one. 0: TF Serving's default, 4 × the cores this worker may use.",
+            _non_negative)
+    grpc_channel_arguments: str = setting("",
+            "gRPC server arguments, comma-separated `key=value` as TF Serving reads them (an "
+            "int32 value is passed as an int, others as strings), e.g. "
+            "`grpc.max_receive_message_length=4194304,grpc.max_connection_age_ms=60000`; they "
+            "override tfwsgi's own (message limits of 2^31-1 bytes, as TF Serving's; "
+            "`grpc.so_reuseport` cannot be changed).", _channel_arguments)
+    enable_grpc_healthcheck_service: bool = setting(False,
+            "Serve gRPC's standard health service (`grpc.health.v1.Health`) on every worker: "
+            "`\"\"`, `ModelService` and `PredictionService` are SERVING once this worker has a "
+            "version of every configured model available (as `/v2/health/ready`), each model's "
+            "name while it has one; NOT_SERVING while loading, after an unload and once the "
+            "worker stops. Off by default, as in TF Serving.")
+    enable_serialization_as_tensor_content: bool = setting(False,
+            "gRPC Predict answers carry their tensors in `tensor_content` (raw bytes) instead of "
+            "the typed value fields (`float_val` …), as TF Serving's flag does.")
     rest_api_port: int = setting(8501,
             "Port of the REST API when gunicorn's `-b/--bind` is not given "
             "(binds 0.0.0.0).", _port)

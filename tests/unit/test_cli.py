@@ -80,8 +80,9 @@ def test_the_last_of_a_repeated_flag_wins_as_in_tf_serving() -> None:
     (["--model_nme=x"], "unknown flag --model_nme"),
     (["serve"], "unknown argument 'serve'"),
     (["-w", "2"], "unknown argument '-w'"),
-    (["--grpc_channel_arguments=grpc.max_connection_age_ms=2000"], "--grpc_channel_arguments is a "
-     "tensorflow_model_server flag tfwsgi does not support: gRPC"),
+    (["--ssl_config_file=/ssl.txt"], "--ssl_config_file is a "
+     "tensorflow_model_server flag tfwsgi does not support: gRPC with TLS"),
+    (["--grpc_socket_path=/run/tfs.sock"], "--grpc_socket_path is a tensorflow_model_server flag"),
     (["--rest_api_num_threads=8"], "--rest_api_num_threads is a tensorflow_model_server flag"),
     (["--per_process_gpu_memory_fraction=0.5"], "--per_process_gpu_memory_fraction is a"),
     (["--platform_config_file=/p"], "--platform_config_file is a"),
@@ -170,15 +171,30 @@ def test_port_is_the_grpc_port_setting() -> None:
     assert "--port=70000: must be a TCP port (1-65535) or 0 (off)" in refused(*MODEL, "--port=70000")
 
 
+def test_grpc_flags_are_settings() -> None:
+    s = settings("--grpc_max_threads=3", "--enable_grpc_healthcheck_service",
+                 "--enable_serialization_as_tensor_content=true",
+                 "--grpc_channel_arguments=grpc.max_receive_message_length=4096,"
+                 "grpc.primary_user_agent=tfs")
+    assert s.grpc_max_threads == 3
+    assert s.enable_grpc_healthcheck_service and s.enable_serialization_as_tensor_content
+    assert s.grpc_channel_arguments == "grpc.max_receive_message_length=4096,grpc.primary_user_agent=tfs"
+    assert "--grpc_channel_arguments=a=1,b: expected comma-separated key=value, got 'b'" in refused(
+        *MODEL, "--grpc_channel_arguments=a=1,b")
+    assert "--grpc_max_threads=-1: must be >= 0" in refused(*MODEL, "--grpc_max_threads=-1")
+
+
 def test_help_and_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.parse(["--help"], {}).action == "help"
     assert cli.parse(["--version"], {}).action == "version"
     assert cli.main(["--help"]) == 0
     out = capsys.readouterr().out
     for name in ("port", "rest_api_port", "saved_model_tags", "custom_op_modules",
-                 "tensorflow_session_parallelism", "enable_signature_method_name_check"):
+                 "tensorflow_session_parallelism", "enable_signature_method_name_check",
+                 "grpc_max_threads", "grpc_channel_arguments", "enable_grpc_healthcheck_service",
+                 "enable_serialization_as_tensor_content"):
         assert f"--{name}=" in out
-    assert "--grpc_max_threads: gRPC option not implemented yet" in out
+    assert "--use_alts_credentials: gRPC with ALTS credentials is not implemented" in out
     assert cli.main(["--version"]) == 0
     assert capsys.readouterr().out.startswith("TensorFlow ModelServer: tfwsgi ")
 

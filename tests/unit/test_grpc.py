@@ -3,6 +3,7 @@ loopback port, called with tensorflow-serving-api's stubs."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -12,6 +13,7 @@ import grpc
 import numpy as np
 import pytest
 import tensorflow as tf
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tensorflow.core.example import example_pb2
 from tensorflow_serving.apis import (
     classification_pb2,
@@ -24,8 +26,11 @@ from tensorflow_serving.apis import (
     regression_pb2,
 )
 
-from fakes import make_app
+from fakes import half_plus_two, make_app, make_settings, multi
 from tfwsgi import grpc_api
+from tfwsgi.application import create_app
+from tfwsgi.manager import ModelManager
+from tfwsgi.source import ModelConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -33,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def channel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[grpc.Channel]:
     app = make_app(tmp_path_factory.mktemp("grpc"))
-    server = grpc_api.build(app.extensions["tfwsgi"].dataplane)
+    server = grpc_api.build(app.extensions["tfwsgi"].dataplane, make_settings())
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
@@ -192,3 +197,125 @@ def test_the_master_s_modules_never_import_grpc() -> None:
     code = ("import sys, tfwsgi, tfwsgi.hooks, tfwsgi.application, tfwsgi.api, tfwsgi.dataplane\n"
             "assert not [m for m in sys.modules if m == 'grpc' or m.startswith('grpc.')], 'imported'\n")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=60)
+
+
+def _serve(core: grpc_api.Core | object, **settings: object) -> tuple[grpc.Server, grpc.Channel]:
+    server = grpc_api.build(core, make_settings(**settings))  # type: ignore[arg-type]
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    return server, grpc.insecure_channel(f"127.0.0.1:{port}")
+
+
+def test_answers_in_tensor_content_with_the_flag(tmp_path: Path) -> None:
+    app = make_app(tmp_path)
+    server, ch = _serve(app.extensions["tfwsgi"].dataplane, enable_serialization_as_tensor_content=True)
+    try:
+        response = _predict(ch, _request("hp", x=np.array([[1.0], [2.0]], np.float32)))
+    finally:
+        ch.close()
+        grpc_api.stop(server, grace=1.0)
+    y = response.outputs["y"]
+    assert not y.float_val and y.tensor_content  # Tensor::AsProtoTensorContent
+    np.testing.assert_array_equal(tf.make_ndarray(y), [[3.5], [4.0]])
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("", {}),
+    ("grpc.max_receive_message_length=4096", {"grpc.max_receive_message_length": 4096}),
+    ("grpc.max_connection_age_ms= +2000 ,grpc.primary_user_agent=tfs,x=2147483648,y=1.5,z=",
+     {"grpc.max_connection_age_ms": 2000, "grpc.primary_user_agent": "tfs", "x": "2147483648",
+      "y": "1.5", "z": ""}),
+], ids=["empty", "int", "mixed"])
+def test_channel_arguments_are_read_as_tf_serving_reads_them(text: str, expected: dict[str, object]) -> None:
+    options = dict(grpc_api.server_options(make_settings(grpc_channel_arguments=text)))
+    defaults = {"grpc.so_reuseport": 1, "grpc.max_receive_message_length": 2**31 - 1,
+                "grpc.max_send_message_length": 2**31 - 1}
+    assert options == {**defaults, **expected}
+
+
+@pytest.mark.parametrize("text, message", [
+    ("grpc.max_connection_age_ms", "expected comma-separated key=value, got 'grpc.max_connection_age_ms'"),
+    ("a=1,", "expected comma-separated key=value, got ''"),
+    ("a=1=2", "expected comma-separated key=value, got 'a=1=2'"),
+    ("grpc.so_reuseport=0", "grpc.so_reuseport cannot be changed"),
+])
+def test_bad_channel_arguments_stop_the_start(text: str, message: str) -> None:
+    from tfwsgi.errors import ConfigError
+    from tfwsgi.settings import from_env
+
+    with pytest.raises(ConfigError, match=message):
+        from_env({"TFWSGI_GRPC_CHANNEL_ARGUMENTS": text})
+
+
+def test_a_channel_argument_lowers_the_message_limit(tmp_path: Path) -> None:
+    app = make_app(tmp_path)
+    server, ch = _serve(app.extensions["tfwsgi"].dataplane,
+                        grpc_channel_arguments="grpc.max_receive_message_length=1024")
+    try:
+        small = _predict(ch, _request("hp", x=np.ones(16, np.float32)))
+        assert len(small.outputs["y"].float_val) == 16
+        with pytest.raises(grpc.RpcError) as info:
+            _predict(ch, _request("hp", x=np.ones(1024, np.float32)))  # 4 KiB of tensor_content
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    finally:
+        ch.close()
+        grpc_api.stop(server, grace=1.0)
+
+
+def test_grpc_max_threads_sizes_the_pool() -> None:
+    assert grpc_api.threads(make_settings(grpc_max_threads=3)) == 3
+    assert grpc_api.threads(make_settings()) == 4 * len(os.sched_getaffinity(0))
+
+
+def _status(ch: grpc.Channel, service: str) -> str:
+    stub = health_pb2_grpc.HealthStub(ch)
+    try:
+        status = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
+    except grpc.RpcError as exc:
+        return exc.code().name
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+
+
+def test_health_follows_the_models(tmp_path: Path) -> None:
+    bases = {}
+    for name, version in (("hp", 1), ("multi", 7)):
+        (tmp_path / name / str(version)).mkdir(parents=True)
+        bases[name] = str(tmp_path / name)
+    settings = dict(enable_grpc_healthcheck_service=True, model_name="hp", model_base_path=bases["hp"])
+    core = grpc_api.Core()
+    server, ch = _serve(core, **settings)
+    loading: list[tuple[str, str, str]] = []
+
+    def load(name: str, version: int, path: str) -> object:
+        if name == "multi":
+            loading.append((_status(ch, "multi"), _status(ch, "hp"), _status(ch, "")))
+            return multi(name, version, path)
+        return half_plus_two(name, version, path, 2.0)
+
+    try:
+        # The worker's app is not built yet: its configured models are loading.
+        assert [_status(ch, s) for s in ("", "ModelService", "PredictionService", "hp", "multi")] == [
+            "NOT_SERVING", "NOT_SERVING", "NOT_SERVING", "NOT_SERVING", "NOT_FOUND"]
+        configs = [ModelConfig("hp", bases["hp"]), ModelConfig("multi", bases["multi"])]
+        manager = ModelManager(configs, load)
+        core.set(create_app(manager, make_settings(**settings)).extensions["tfwsgi"].dataplane)
+        assert (_status(ch, ""), _status(ch, "multi")) == ("NOT_SERVING", "NOT_SERVING")
+        manager.load_all()
+        assert loading == [("NOT_SERVING", "SERVING", "NOT_SERVING")]  # hp loaded, multi loading
+        assert [_status(ch, s) for s in ("", "PredictionService", "hp", "multi")] == ["SERVING"] * 4
+
+        manager.source.set_configs(configs[:1])  # multi removed from the config: unloaded
+        assert [_status(ch, s) for s in ("", "ModelService", "hp", "multi")] == [
+            "SERVING", "SERVING", "SERVING", "NOT_SERVING"]
+        assert _status(ch, "nope") == "NOT_FOUND"
+
+        core.shutdown()  # the worker starts to stop: nothing serves any more, whatever loads
+        manager.source.set_configs(configs)
+        assert [_status(ch, s) for s in ("", "hp", "multi")] == ["NOT_SERVING"] * 3
+    finally:
+        ch.close()
+        grpc_api.stop(server, grace=1.0)
+
+
+def test_no_health_service_unless_asked(channel: grpc.Channel) -> None:
+    assert _status(channel, "") == "UNIMPLEMENTED"  # TF Serving's default: the flag is off

@@ -56,6 +56,32 @@ def test_typed_fields_decode_like_tensor_content(array: np.ndarray) -> None:
     np.testing.assert_array_equal(got, array)
 
 
+@pytest.mark.parametrize("array", ARRAYS, ids=_ids)
+def test_tensor_content_is_what_tensorflow_writes_and_reads(array: np.ndarray) -> None:
+    proto = tensor_pb2.TensorProto()
+    protocodec.fill_content(proto, array)  # --enable_serialization_as_tensor_content
+    assert not (proto.float_val or proto.int_val or proto.string_val or proto.half_val)
+    # TensorFlow's C++ Tensor::FromProto reads it back (strings too: port::DecodeStringList).
+    dtype = tf.dtypes.as_dtype(proto.dtype)
+    back = tf.io.parse_tensor(proto.SerializeToString(), dtype).numpy()
+    assert back.shape == array.shape
+    np.testing.assert_array_equal(back, array)
+    if array.dtype != object:
+        # Tensor::AsProtoTensorContent's bytes (tf.io.serialize_tensor writes numbers with it).
+        ref = tensor_pb2.TensorProto.FromString(tf.io.serialize_tensor(array).numpy())
+        assert proto.tensor_content == ref.tensor_content
+        np.testing.assert_array_equal(tf.make_ndarray(proto), array)
+
+
+def test_long_strings_take_multi_byte_varint_lengths() -> None:
+    array = np.array([b"x" * 300, b"", b"y" * 20000], dtype=object)
+    proto = tensor_pb2.TensorProto()
+    protocodec.fill_content(proto, array)
+    assert proto.tensor_content[:2] == bytes([0xAC, 0x02])  # 300
+    back = tf.io.parse_tensor(proto.SerializeToString(), tf.string).numpy()
+    assert list(back) == list(array)
+
+
 def _proto(dtype: int, shape: tuple[int, ...], **fields: object) -> tensor_pb2.TensorProto:
     proto = tensor_pb2.TensorProto(dtype=dtype, **fields)
     for d in shape:

@@ -149,7 +149,7 @@ def stubs(tmp_path: Path) -> Iterator[tuple[model_service_pb2_grpc.ModelServiceS
               FakeModel("broken", {1: TFWSGIError("Can't parse saved_model.pb as binary proto", 15)})]
     app = make_app(tmp_path, models)
     state = app.extensions["tfwsgi"]
-    server = grpc_api.build(state.dataplane, state.reloads)
+    server = grpc_api.build(state.dataplane, reloads=state.reloads)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:

@@ -26,10 +26,12 @@ alternating between rounds; the tables give each figure's median over rounds and
 req/s. During every counted window the harness reads, from /proc, the CPU time of each server
 process, of each client process and of the whole machine, and which worker holds each connection.
 
-The client is not the bottleneck, and the harness shows it two ways: (1) the CPU the client
-processes use (cores, and µs per call, against the server's); (2) a scaling check, in every round:
-mlp-1 on both transports with twice the client processes and half the calls in flight each (the
-same total); if the clients were the limit, twice the processes would raise throughput.
+Whether the client is the bottleneck, the harness checks two ways: (1) the CPU the client
+processes use (cores, and µs per call, against the server's; and the busiest process: one well
+under a core is not CPU-bound); (2) a scaling check, in every round: mlp-1 on both transports with
+twice the client processes and half the calls in flight and gRPC channels each (the same totals,
+so only the processes change); if the clients were the limit, twice the processes would raise
+throughput.
 
 Server and client share this machine's cores; nothing is pinned (pinning the client to a core would
 take that core from the server). The client's CPU is measured instead, and the server's share of
@@ -89,6 +91,7 @@ def summarise(runs: list[dict]) -> dict:
             "p50_ms": med("p50_ms"), "p99_ms": med("p99_ms"), "server_cores": med("server_cores"),
             "client_cores": med("client_cores"), "other_cores": med("other_cores"),
             "server_us": med("server_us"), "client_us": med("client_us"),
+            "client_proc_max": max(r["client_proc_max"] for r in runs),
             "errors": sum(r["errors"] for r in runs), "rounds": len(runs)}
 
 
@@ -152,15 +155,18 @@ def render(cases: list[str], results: dict[str, dict[str, dict]], scaling: dict[
     if scaling:
         lines += ["", "## Is the client the bottleneck?", "",
                   f"{SCALING_CASE}, the same {p * m} calls in flight from {p} processes × {m} and from "
-                  f"{2 * p} processes × {max(1, m // 2)}, in the same rounds (medians; req/s range):", "",
+                  f"{2 * p} processes × {max(1, m // 2)}, with as many connections (gRPC: "
+                  f"{max(1, args['channels'] // 2)} channels per process instead of {args['channels']}), "
+                  "in the same rounds (medians; req/s range):", "",
                   f"| transport | {p} processes req/s | {2 * p} processes req/s | ratio | "
-                  f"client CPU (cores), {p} → {2 * p} |",
-                  "|---|---|---|---|---|"]
+                  f"client CPU (cores), {p} → {2 * p} | busiest client process (cores), any run |",
+                  "|---|---|---|---|---|---|"]
         for t, s in scaling.items():
             base, more = s["base"], s["more"]
             lines.append(f"| {'gRPC' if t == 'grpc' else 'REST'} | {fmt_range(base)} | {fmt_range(more)} | "
                          f"{more['rps'] / base['rps']:.2f} | {base['client_cores']:.2f} → "
-                         f"{more['client_cores']:.2f} |")
+                         f"{more['client_cores']:.2f} | "
+                         f"{max(base['client_proc_max'], more['client_proc_max']):.2f} |")
     lines += ["", *[f"- {n}" for n in notes], "", "![req/s and latency, gRPC and REST](grpc-benchmark.png)"]
     return "\n".join(lines) + "\n"
 
@@ -408,6 +414,8 @@ def measure(srv: Any, clients: Clients, ports: dict[str, int], transport: str, c
             "other_cores": max(0.0, busy_s - server_s - client_s) / duration,
             "server_us": server_s / calls * 1e6 if calls else float("nan"),
             "client_us": client_s / calls * 1e6 if calls else float("nan"),
+            "client_proc_max": max((client1[p] - client0[p] for p in client1 if p in client0),
+                                   default=0.0) / duration,
             "worker_cores": [(server1[p] - server0[p]) / duration for p in workers if p in server0],
             "connections": [owners[p] for p in workers]}
 
@@ -470,7 +478,9 @@ def main() -> int:
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--processes", type=int, default=2, help="client processes")
     parser.add_argument("--inflight", type=int, default=16, help="calls in flight per client process")
-    parser.add_argument("--channels", type=int, default=4, help="gRPC channels (connections) per process")
+    parser.add_argument("--channels", type=int, default=8,
+                        help="gRPC channels (connections) per process; SO_REUSEPORT hashes each to a worker, "
+                        "and few connections can leave one worker with most of them")
     parser.add_argument("--duration", type=float, default=10, help="seconds of each counted run")
     parser.add_argument("--warmup", type=float, default=2, help="seconds of load before each, not counted")
     parser.add_argument("--rounds", type=int, default=5)
@@ -532,8 +542,8 @@ def main() -> int:
                               f"{spread[-1].split(': ', 1)[1]}", flush=True)
                         if scaling and case == SCALING_CASE:
                             scale_runs[t]["base"].append(r)
-                            r2 = measure(srv, clients, ports, t, case, 2 * p, max(1, m // 2), args.channels,
-                                         args.warmup, args.duration)
+                            r2 = measure(srv, clients, ports, t, case, 2 * p, max(1, m // 2),
+                                         max(1, args.channels // 2), args.warmup, args.duration)
                             scale_runs[t]["more"].append(r2)
                             print(f"round {rnd + 1} {case:6s} {t:4s} {2 * p} processes × {max(1, m // 2)}: "
                                   f"{r2['rps']:7.0f} req/s client {r2['client_cores']:.2f} cores "

@@ -25,7 +25,7 @@ def gb() -> ModuleType:
 def run(rps: float, p99: float = 10.0, errors: int = 0) -> dict:
     return {"rps": rps, "examples": rps * 32, "p50_ms": p99 / 2, "p99_ms": p99, "errors": errors,
             "server_cores": 1.5, "client_cores": 0.2, "other_cores": 0.1, "server_us": 700.0,
-            "client_us": 90.0}
+            "client_us": 90.0, "client_proc_max": rps / 5000}
 
 
 def test_the_harness_imports_neither_tensorflow_nor_grpc_at_module_level() -> None:
@@ -46,6 +46,7 @@ def test_summarise_takes_medians_the_range_of_rates_and_every_error(gb: ModuleTy
     assert (s["rps"], s["rps_min"], s["rps_max"]) == (200, 100, 300)
     assert s["p99_ms"] == 20 and s["examples"] == 200 * 32
     assert s["errors"] == 3 and s["rounds"] == 3
+    assert s["client_proc_max"] == 300 / 5000  # the busiest of every run
 
 
 def test_cpu_seconds_reads_utime_and_stime_whatever_the_command(gb: ModuleType) -> None:
@@ -85,6 +86,6 @@ def test_render_gives_the_ratio_the_scaling_check_and_labels_a_smoke_run(gb: Mod
     rows = [line for line in text.splitlines() if line.startswith("| mlp-32 |")]
     assert rows[0].startswith("| mlp-32 | gRPC | 600 (600–600) | 19200 | 5.0 | 10.0 | 3.00 | 0 |")
     assert rows[1].startswith("| mlp-32 | REST | 200 (200–200) | 6400 | 5.0 | 10.0 |  | 0 |")
-    assert "| gRPC | 1000 (1000–1000) | 1050 (1050–1050) | 1.05 | 0.20 → 0.20 |" in text
+    assert "| gRPC | 1000 (1000–1000) | 1050 (1050–1050) | 1.05 | 0.20 → 0.20 | 0.21 |" in text
     assert "- a note" in text
     assert "SMOKE" not in gb.render(["mlp-32"], results, {}, {**args, "smoke": False}, [])

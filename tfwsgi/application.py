@@ -60,7 +60,7 @@ def create_app(manager: ModelManager | None = None, settings: Settings | None = 
         manager.load_all()
         watch(manager, settings)
 
-    app = Flask("tfwsgi")
+    app = Flask("tfwsgi", static_folder=None)  # no static files: a rule fewer to match per request
     app.session_interface = _NoSessions()
     app.url_map.merge_slashes = False
     cache = PredictionCache(settings)

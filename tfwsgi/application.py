@@ -44,6 +44,25 @@ class _NoSessions(SessionInterface):
         return None
 
 
+class _App(Flask):
+    """Flask, with /v1 requests routed without werkzeug's router when only the v1 rule can take
+    them (``api.V1Adapter``): the same rule, view arguments and request context, a cheaper match."""
+
+    url_map_class = api.V1Map
+    url_map: api.V1Map
+
+    def create_url_adapter(self, request: Any) -> Any:
+        url_map = self.url_map
+        if (request is not None and url_map.v1_only and url_map.v1_rule is not None
+                and not url_map.host_matching and not self.subdomain_matching
+                and self.config["TRUSTED_HOSTS"] is None and self.config["SERVER_NAME"] is None
+                and request.environ.get("wsgi.url_scheme") in ("http", "https")
+                and api.v1_path(request.path)):
+            return api.V1Adapter(url_map.v1_rule, request.path,
+                                 functools.partial(Flask.create_url_adapter, self, request))
+        return super().create_url_adapter(request)
+
+
 @dataclass
 class WorkerState:
     settings: Settings
@@ -60,7 +79,7 @@ def create_app(manager: ModelManager | None = None, settings: Settings | None = 
         manager.load_all()
         watch(manager, settings)
 
-    app = Flask("tfwsgi", static_folder=None)  # no static files: a rule fewer to match per request
+    app = _App("tfwsgi", static_folder=None)  # no static files: a rule fewer to match per request
     app.session_interface = _NoSessions()
     app.url_map.merge_slashes = False
     cache = PredictionCache(settings)

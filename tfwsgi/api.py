@@ -153,13 +153,13 @@ def v1(**_: str) -> Response:
 
 def predict(state: WorkerState, environ: dict[str, Any], spec: ModelSpec) -> Response:
     body = JsonPredict(read_body(environ, state.settings.max_request_bytes))
-    answer = state.dataplane.predict(spec, body, _options(environ))
+    answer = state.dataplane.predict(spec, body, request_options(environ))
     return _json(codec.encode_predict(answer.outputs, answer.fmt), cache_status(answer.outcome))
 
 
 def classify(state: WorkerState, environ: dict[str, Any], spec: ModelSpec) -> Response:
     signature_name, examples = _examples(state, environ)
-    answer = state.dataplane.classify(spec, signature_name, examples, _options(environ))
+    answer = state.dataplane.classify(spec, signature_name, examples, request_options(environ))
     out = answer.outputs
     return _json(codec.encode_classify(out.get("classes"), out.get("scores"), len(examples)),
                  cache_status(answer.outcome))
@@ -167,7 +167,7 @@ def classify(state: WorkerState, environ: dict[str, Any], spec: ModelSpec) -> Re
 
 def regress(state: WorkerState, environ: dict[str, Any], spec: ModelSpec) -> Response:
     signature_name, examples = _examples(state, environ)
-    answer = state.dataplane.regress(spec, signature_name, examples, _options(environ))
+    answer = state.dataplane.regress(spec, signature_name, examples, request_options(environ))
     return _json(codec.encode_regress(answer.outputs["outputs"]), cache_status(answer.outcome))
 
 
@@ -216,7 +216,7 @@ def _spec(match: re.Match[str]) -> ModelSpec:
     return ModelSpec(unquote(name or ""), version, unquote(label) if label else None)
 
 
-def _options(environ: dict[str, Any]) -> Options:
+def request_options(environ: dict[str, Any]) -> Options:
     deadline = environ.get("tfwsgi.deadline")  # set by tfwsgi.worker: when it answers 504
     return Options(request_policy(environ.get("HTTP_CACHE_CONTROL")),
                    None if deadline is None or deadline == float("inf") else float(deadline))

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-from flask import Flask, Response, current_app, request
+from flask import Flask, Response, request
 from flask.sessions import NullSession, SessionInterface, SessionMixin
 
-from . import api, codec, metrics
+from . import api, codec, metrics, v2
 from .batching import Batcher, BatchingParameters, parse_batching_parameters
 from .cache import PredictionCache
 from .dataplane import DataPlane
@@ -89,12 +89,11 @@ def create_app(manager: ModelManager | None = None, settings: Settings | None = 
     dataplane = DataPlane(manager, cache, batcher, settings.enable_signature_method_name_check)
     app.extensions["tfwsgi"] = WorkerState(settings, dataplane)
 
-    app.add_url_rule("/v2/health/live", "live", _live)
-    app.add_url_rule("/v2/health/ready", "ready", _ready)
     app.add_url_rule(OPENAPI_PATH, "openapi", _openapi)
     for i, path in enumerate(metrics.prometheus_paths(settings.monitoring_config_file)):
         app.add_url_rule(path, f"metrics_{i}", _metrics)
     app.register_blueprint(api.blueprint)
+    app.register_blueprint(v2.blueprint)
     app.register_error_handler(TFWSGIError, _tfwsgi_error)
     app.register_error_handler(Exception, _unexpected)
     if settings.rest_api_enable_cors_support:
@@ -132,18 +131,6 @@ def _batcher(settings: Settings) -> Batcher | None:
             raise ConfigError(f"TFWSGI_BATCHING_PARAMETERS_FILE: cannot read {path}: {exc}") from None
     return Batcher(params, on_batch=lambda rows, padded: metrics.BATCH_SIZE.observe(rows),
                    on_queue=metrics.BATCH_QUEUE_DEPTH.inc)
-
-
-def _live() -> Response:
-    return Response(status=200)
-
-
-def _ready() -> Response:
-    """200 when this worker has a version of every configured model available, else 503."""
-    models = current_app.extensions["tfwsgi"].dataplane.manager.ready()
-    ok = all(models.values())
-    return Response(codec.dumps({"ready": ok, "models": models}), status=200 if ok else 503,
-                    mimetype="application/json")
 
 
 @functools.cache

@@ -10,11 +10,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
-from . import codec, dense, metrics
+from . import codec, dense, metrics, v2codec
 from .batching import DEADLINE_MESSAGE, Batcher
 from .cache import Outcome, Policy, PredictionCache
 from .errors import DeadlineExceeded, Internal, TFWSGIError
@@ -47,6 +47,7 @@ class Prediction:
     outputs: Tensors
     fmt: str  # codec.ROW or codec.COLUMNAR: how the request was written, so the answer matches
     outcome: Outcome
+    version: int = 0  # the version that answered
 
 
 @dataclass
@@ -91,6 +92,34 @@ class JsonPredict:
         return sig, inputs, fmt
 
 
+class V2Predict:
+    """A KServe v2 infer request (parsed by ``v2codec``), decoded for the servable the core
+    resolved: the signature its ``signature_name`` parameter names (default ``serving_default``),
+    each tensor of the datatype that signature takes, the requested outputs among its outputs."""
+
+    __slots__ = ("request",)
+
+    def __init__(self, request: v2codec.InferRequest) -> None:
+        self.request = request
+
+    def check(self) -> None:
+        """Nothing: the body was parsed, and its own errors raised, before the core was called."""
+
+    def decode(self, servable: Servable) -> tuple[Signature, dict[str, np.ndarray], str]:
+        sig = servable.signature(self.request.signature_name)
+        v2codec.check_inputs(self.request, sig.inputs, servable.name)
+        v2codec.check_outputs(self.request, sig.outputs, servable.name)
+        return sig, self.request.inputs, codec.COLUMNAR
+
+
+class PredictBody(Protocol):
+    """A predict request's body as the core takes it: JsonPredict, V2Predict."""
+
+    def check(self) -> None: ...
+
+    def decode(self, servable: Servable) -> tuple[Signature, dict[str, np.ndarray], str]: ...
+
+
 class DataPlane:
     """predict, classify, regress, metadata and status on a model spec."""
 
@@ -105,7 +134,7 @@ class DataPlane:
         servable: Servable = self.manager.servable(spec.name, spec.version, spec.label)
         return servable
 
-    def predict(self, spec: ModelSpec, body: JsonPredict, options: Options = Options()) -> Prediction:
+    def predict(self, spec: ModelSpec, body: PredictBody, options: Options = Options()) -> Prediction:
         try:
             servable = self.servable(spec)
         except TFWSGIError:
@@ -123,7 +152,7 @@ class DataPlane:
             key = (servable.name, servable.version, sig.name)
             run = lambda: batcher.run(key, inputs, sig.run, options.deadline)  # noqa: E731
         outputs, outcome = self._answer(servable, sig.name, "predict", inputs, run, options)
-        return Prediction(outputs, fmt, outcome)
+        return Prediction(outputs, fmt, outcome, servable.version)
 
     def classify(self, spec: ModelSpec, signature_name: str, examples: np.ndarray,
                  options: Options = Options()) -> Inference:

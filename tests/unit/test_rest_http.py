@@ -164,7 +164,7 @@ def test_a_prediction_too_large_for_the_cache_is_served_not_stored(tmp_path):
 
 def test_liveness_and_readiness(client):
     r = client.get("/v2/health/live")
-    assert r.status_code == 200 and r.get_data() == b""
+    assert r.status_code == 200 and r.get_json() == {"live": True}
     r = client.get("/v2/health/ready")
     assert r.status_code == 200 and r.headers["Content-Type"] == "application/json"
     assert r.get_json() == {"ready": True, "models": {"hp": True, "multi": True, "flaky": True,

@@ -405,7 +405,7 @@ def test_url_for_works_in_a_hook_of_a_shortcut_request(tmp_path):
 
     @app.before_request
     def hook():
-        seen.append(url_for("ready"))
+        seen.append(url_for("v2.ready"))
 
     assert app.test_client().post(P, json={"instances": [1.0]}).status_code == 200
     assert seen == ["/v2/health/ready"]

@@ -6,7 +6,7 @@ MODELS := build/models
 PORT ?= 8501
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all venv serve-deps system-deps demo-model serve test lint unit clean install
+.PHONY: all venv v2-clients serve-deps system-deps demo-model serve test lint unit clean install
 
 all: test
 
@@ -17,6 +17,16 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	touch $@
 
 venv: $(VENV)/.installed
+
+# The KServe v2 clients the e2e tests drive (tests/v2_clients.py), in a virtualenv of their own:
+# tritonclient 2.73 and kserve 0.21 need protobuf < 7 and ml_dtypes < 0.6, older than TensorFlow's.
+CLIENTS_VENV := .venv-clients
+$(CLIENTS_VENV)/.installed: Makefile
+	$(PYTHON) -m venv $(CLIENTS_VENV)
+	$(CLIENTS_VENV)/bin/python -m pip install --quiet 'tritonclient[http,grpc]>=2.73,<2.74' 'kserve>=0.21,<0.22'
+	touch $@
+
+v2-clients: $(CLIENTS_VENV)/.installed
 
 # System packages: jemalloc for serving (TFWSGI_MEMORY_ALLOCATOR, see docs/architecture.md), and what the
 # tests and benchmarks drive for real.
@@ -51,7 +61,7 @@ lint: venv
 	$(VENV)/bin/ruff check tfwsgi tests bench gunicorn_conf.py
 	$(VENV)/bin/mypy
 
-test: venv system-deps lint
+test: venv v2-clients system-deps lint
 	$(PY) -m pytest
 
 # The fast tier: in-process tests (tests/unit/), no servers started; under a minute.

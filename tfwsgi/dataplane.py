@@ -10,11 +10,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
-from . import codec, dense, metrics, protocodec
+from . import codec, dense, metrics, protocodec, v2codec
 from .batching import DEADLINE_MESSAGE, Batcher
 from .cache import Outcome, Policy, PredictionCache
 from .errors import DeadlineExceeded, Internal, TFWSGIError
@@ -125,6 +125,34 @@ class ProtoPredict:
         return {alias: outputs[alias] for alias in self.output_filter}
 
 
+class V2Predict:
+    """A KServe v2 infer request (parsed by ``v2codec``), decoded for the servable the core
+    resolved: the signature its ``signature_name`` parameter names (default ``serving_default``),
+    each tensor of the datatype that signature takes, the requested outputs among its outputs."""
+
+    __slots__ = ("request",)
+
+    def __init__(self, request: v2codec.InferRequest) -> None:
+        self.request = request
+
+    def check(self) -> None:
+        """Nothing: the body was parsed, and its own errors raised, before the core was called."""
+
+    def decode(self, servable: Servable) -> tuple[Signature, dict[str, np.ndarray], str]:
+        sig = servable.signature(self.request.signature_name)
+        v2codec.check_inputs(self.request, sig.inputs, servable.name)
+        v2codec.check_outputs(self.request, sig.outputs, servable.name)
+        return sig, self.request.inputs, codec.COLUMNAR
+
+
+class PredictBody(Protocol):
+    """A predict request's body as the core takes it: JsonPredict, ProtoPredict, V2Predict."""
+
+    def check(self) -> None: ...
+
+    def decode(self, servable: Servable) -> tuple[Signature, dict[str, np.ndarray], str]: ...
+
+
 class DataPlane:
     """predict, classify, regress, metadata and status on a model spec."""
 
@@ -139,8 +167,7 @@ class DataPlane:
         servable: Servable = self.manager.servable(spec.name, spec.version, spec.label)
         return servable
 
-    def predict(self, spec: ModelSpec, body: JsonPredict | ProtoPredict,
-                options: Options = Options()) -> Prediction:
+    def predict(self, spec: ModelSpec, body: PredictBody, options: Options = Options()) -> Prediction:
         try:
             servable = self.servable(spec)
         except TFWSGIError:

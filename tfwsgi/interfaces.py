@@ -17,11 +17,12 @@ Tensors = dict[str, np.ndarray]
 
 
 class Signature(Protocol):
-    """One signature of a servable: its name, typed inputs, and how to run it."""
+    """One signature of a servable: its name, typed inputs and outputs, and how to run it."""
 
     name: str
     method_name: str
     inputs: dict[str, np.dtype]
+    outputs: dict[str, np.dtype]
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> Tensors: ...
 

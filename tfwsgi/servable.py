@@ -49,6 +49,15 @@ try:
 finally:
     sys.meta_path.remove(_deferral)
 
+# What ConcreteFunction._call_flat asks before it runs the inference function (see _inference).
+from tensorflow.python.eager.context import executing_eagerly as _executing_eagerly  # noqa: E402
+from tensorflow.python.ops.gradients_util import (  # noqa: E402
+    POSSIBLE_GRADIENT_TYPES_NONE as _NO_GRADIENT,
+)
+from tensorflow.python.ops.gradients_util import (  # noqa: E402
+    PossibleTapeGradientTypes as _possible_gradient_types,
+)
+
 log = logging.getLogger("tfwsgi")
 
 
@@ -109,6 +118,7 @@ class Signature:
     outputs: dict[str, np.dtype]
     fn: Any
     flat_order: tuple[str, ...] | None = None  # see _flat_order
+    inference: Any = None  # see _inference
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run on decoded inputs (already of the signature's dtypes); TF errors keep their code.
@@ -128,7 +138,12 @@ class Signature:
             feeds = {key: tf.constant(arr, dtype=tf.string if arr.dtype.kind == "O" else None)
                      for key, arr in inputs.items()}
             if self.flat_order is not None:
-                result = self.fn._call_flat([feeds[k] for k in self.flat_order], self.fn.captured_inputs)
+                args = [feeds[k] for k in self.flat_order]
+                captures = self.fn.captured_inputs
+                if self.inference is not None and _untaped(args, captures):
+                    result = self.inference.call_preflattened(args + captures)
+                else:
+                    result = self.fn._call_flat(args, captures)
             else:
                 result = self.fn(**feeds)
         except tf.errors.OpError as exc:
@@ -223,6 +238,26 @@ def _flat_order(fn: Any, names: set[str]) -> tuple[str, ...] | None:
     return tuple(tf.nest.flatten({k: k for k in kwargs}))
 
 
+def _inference(fn: Any) -> Any:
+    """The function's inference function, which its flat call runs when no gradient tape
+    watches the arguments and TensorFlow executes eagerly: ``ConcreteFunction._call_flat``
+    (TensorFlow 2.16 to 2.21) returns ``self._inference_function.call_preflattened(args)`` then,
+    after checks that only apply to graph building and tapes (~30 µs of Python a call here,
+    more for a saved model's ``_WrapperFunction``, whose captures are the same tensors when no
+    distribution strategy loaded the model, as none does here). None where TensorFlow's own
+    layout differs, and the flat call is used."""
+    inference = getattr(fn, "_inference_function", None)
+    if not callable(getattr(inference, "call_preflattened", None)):
+        return None
+    return inference
+
+
+def _untaped(args: list[Any], captures: list[Any]) -> bool:
+    """Whether ``ConcreteFunction._call_flat`` would go straight to the inference function."""
+    return (_executing_eagerly()
+            and _possible_gradient_types(args + captures) == _NO_GRADIENT)
+
+
 class Servable:
     """A loaded SavedModel version."""
 
@@ -253,6 +288,7 @@ class Servable:
                 outputs={k: _numpy_dtype(info.dtype) for k, info in sig_def.outputs.items()},
                 fn=fn,
                 flat_order=_flat_order(fn, set(sig_def.inputs)),
+                inference=_inference(fn),
             )
         # Whether a predict body is worth trying on the dense path (tfwsgi/dense.py) at all.
         self.takes_dense = any(dense.decodes(s.inputs) for s in self.signatures.values())

@@ -105,8 +105,8 @@ def fuzz_schema(fuzz_server: Server) -> schemathesis.BaseSchema:
 
 
 def json_body(ctx: object, response: schemathesis.Response, case: schemathesis.Case) -> bool | None:
-    """Every answer but the metrics text and the empty liveness answer is a JSON document."""
-    if case.path in ("/metrics", "/monitoring/prometheus/metrics", "/v2/health/live"):
+    """Every answer but the metrics text is a JSON document."""
+    if case.path in ("/metrics", "/monitoring/prometheus/metrics"):
         return None
     content_type = response.headers.get("content-type", [""])[0]
     assert content_type.startswith("application/json"), (response.status_code, content_type)

@@ -38,8 +38,9 @@ PREDICT_METHOD = "tensorflow/serving/predict"
 CLASSIFY_METHOD = "tensorflow/serving/classify"
 REGRESS_METHOD = "tensorflow/serving/regress"
 
-_TF_NAMES = {"float32": "DT_FLOAT", "float64": "DT_DOUBLE", "int32": "DT_INT32", "bool": "DT_BOOL",
-             "object": "DT_STRING"}
+_TF_NAMES = {"float16": "DT_HALF", "float32": "DT_FLOAT", "float64": "DT_DOUBLE", "bool": "DT_BOOL",
+             "object": "DT_STRING",
+             **{f"{t}{n}": f"DT_{t.upper()}{n}" for t in ("int", "uint") for n in (8, 16, 32, 64)}}
 
 Shape = tuple[int | None, ...] | None  # None: unknown rank; None in a dimension: any size
 Fn = Callable[..., Mapping[str, np.ndarray]]

@@ -164,7 +164,7 @@ def test_a_prediction_too_large_for_the_cache_is_served_not_stored(tmp_path):
 
 def test_liveness_and_readiness(client):
     r = client.get("/v2/health/live")
-    assert r.status_code == 200 and r.get_data() == b""
+    assert r.status_code == 200 and r.get_json() == {"live": True}
     r = client.get("/v2/health/ready")
     assert r.status_code == 200 and r.headers["Content-Type"] == "application/json"
     assert r.get_json() == {"ready": True, "models": {"hp": True, "multi": True, "flaky": True,
@@ -349,3 +349,63 @@ def test_an_api_key_before_request_refuses_an_unauthenticated_predict(tmp_path):
     assert client.get("/v1/models/hp").status_code in (401, 403)
     r = client.post(P, json={"instances": [1.0]}, headers={"X-API-Key": "s3cret"})
     assert r.status_code == 200 and r.get_json() == {"predictions": [2.5]}
+
+
+# ------------------------------------------------------------------ routing /v1 without werkzeug's router
+
+ROUTED = ["/v1/models/hp:predict", "/V1/models/hp/versions/1:predict", "/v1/", "/v1/models",
+          "/v1/models/a%20b/labels/x:classify", "/v1//models//hp", "/v1/models/hp/metadata"]
+
+
+def test_a_v1_path_matches_as_werkzeugs_router_matches_it(app):
+    """The shortcut (api.V1Adapter) gives Flask the rule and view arguments werkzeug's own
+    router gives for the same request, so everything Flask does with them is unchanged."""
+    from tfwsgi.api import V1Adapter
+
+    for path in ROUTED:
+        with app.test_request_context(path, method="POST"):
+            ctx_adapter = app.create_url_adapter(request._get_current_object())
+            assert isinstance(ctx_adapter, V1Adapter), path
+            real = ctx_adapter.real()
+            assert type(real).__name__ == "MapAdapter"
+            assert ctx_adapter.match(return_rule=True) == real.match(return_rule=True), path
+            assert request.url_rule is app.url_map.v1_rule
+            assert request.view_args == real.match()[1]
+
+
+def test_a_path_werkzeug_would_not_match_is_left_to_werkzeug(app):
+    from tfwsgi.api import V1Adapter
+
+    for path in ["/v2/health/live", "/v1", "/v11/models", "/v1/models/a%0Ab", "/metrics"]:
+        with app.test_request_context(path):
+            assert not isinstance(app.create_url_adapter(request._get_current_object()), V1Adapter), path
+
+
+def test_a_users_route_under_v1_is_routed_by_werkzeug_and_answers(tmp_path):
+    """A rule the user adds under /v1 turns the shortcut off: werkzeug's router then decides,
+    as it did before the shortcut existed (its static part beats the catch-all)."""
+    from tfwsgi.api import V1Adapter
+
+    app = make_app(tmp_path)
+    app.add_url_rule("/v1/custom", "custom", lambda: "mine")
+    assert not app.url_map.v1_only
+    client = app.test_client()
+    assert client.get("/v1/custom").get_data(as_text=True) == "mine"
+    assert client.post(P, json={"instances": [1.0]}).status_code == 200
+    with app.test_request_context(P, method="POST"):
+        assert not isinstance(app.create_url_adapter(request._get_current_object()), V1Adapter)
+
+
+def test_url_for_works_in_a_hook_of_a_shortcut_request(tmp_path):
+    """Anything but the match (url_for builds) goes to the real adapter, bound on first use."""
+    from flask import url_for
+
+    app = make_app(tmp_path)
+    seen = []
+
+    @app.before_request
+    def hook():
+        seen.append(url_for("v2.ready"))
+
+    assert app.test_client().post(P, json={"instances": [1.0]}).status_code == 200
+    assert seen == ["/v2/health/ready"]

@@ -37,6 +37,7 @@ def test_each_signature_is_called_flat_and_answers_as_the_public_call(tmp_path: 
         "x": tf.train.Feature(float_list=tf.train.FloatList(value=[1.0]))})).SerializeToString()
     for name, sig in servable.signatures.items():
         assert sig.flat_order is not None and set(sig.flat_order) == set(sig.inputs), name
+        assert sig.inference is not None, name
         inputs = {}
         for key, dtype in sig.inputs.items():
             shape = [2 if d is None else d for d in sig.input_shapes[key].as_list()]

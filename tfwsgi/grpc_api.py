@@ -40,7 +40,7 @@ from tensorflow_serving.apis import (
     regression_pb2,
 )
 
-from . import metrics, protocodec
+from . import metrics, protocodec, sockets
 from .dataplane import DataPlane, ModelSpec, Options, ProtoPredict
 from .errors import Code, InvalidArgument, TFWSGIError, Unavailable, Unimplemented
 from .interfaces import DEFAULT_SIGNATURE
@@ -302,24 +302,29 @@ def threads() -> int:
     return 4 * max(1, cores)
 
 
-def build(core: Core | DataPlane) -> grpc.Server:
-    """A gRPC server with both services over ``core``, not yet bound or started."""
+def build(core: Core | DataPlane, max_connection_age: float = 0.0) -> grpc.Server:
+    """A gRPC server with both services over ``core``, not yet bound or started. With
+    ``max_connection_age`` (seconds), each connection is sent a graceful GOAWAY after about
+    that long (grpc's ±10% jitter) and its client reconnects (see ``drain``)."""
     if not isinstance(core, Core):
         core = Core(core)
+    options: list[tuple[str, int]] = [("grpc.so_reuseport", 1),
+                                      ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                                      ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+    if max_connection_age > 0:
+        options.append(("grpc.max_connection_age_ms", max(1, round(max_connection_age * 1000))))
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=threads(), thread_name_prefix="tfwsgi-grpc"),
-        options=[("grpc.so_reuseport", 1),
-                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+        options=options)
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionServicer(core), server)
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(core), server)
     return server
 
 
-def serve(core: Core, port: int) -> grpc.Server:
+def serve(core: Core, port: int, max_connection_age: float = 0.0) -> grpc.Server:
     """Start this worker's gRPC server on ``port`` (0.0.0.0). A port that cannot be bound stops
     the worker, as it stops TF Serving."""
-    server = build(core)
+    server = build(core, max_connection_age)
     server.add_insecure_port(f"0.0.0.0:{port}")  # raises RuntimeError when it cannot bind
     server.start()
     log.info("tfwsgi: worker %d serves gRPC on port %d", os.getpid(), port)
@@ -329,3 +334,31 @@ def serve(core: Core, port: int) -> grpc.Server:
 def stop(server: grpc.Server, grace: float) -> None:
     """Refuse new calls, let the ones in flight finish for up to ``grace`` seconds."""
     server.stop(grace).wait()
+
+
+def drain(server: grpc.Server, port: int, timeout: float, poll: float = 0.05) -> None:
+    """Leave without failing a call that another worker could answer, within ``timeout`` s.
+
+    ``server.stop`` alone fails calls: from the moment it is called, grpc's core cancels (status
+    CANCELLED) every call it has not yet handed to the servicer and every call that reaches it
+    before the client has read the GOAWAY (core/server/server.cc, ``KillPendingWorkLocked`` and
+    ``StartNewRpc`` when ``ShutdownCalled()``; grpc/grpc#41785), and a busy client sends some.
+    So first the worker stops listening (new connections go to the other workers on the port),
+    then waits while its connections leave on their own: each gets a graceful GOAWAY at its
+    ``max_connection_age`` (the server is not shutting down, so calls that cross it are served,
+    and later ones go to the client's new connection). When none is left, or no other process
+    listens on the port (the whole server is stopping: nowhere to send anyone), the stop."""
+    started = time.monotonic()
+    deadline = started + timeout
+    try:
+        if sockets.stop_listening(port):
+            # grpc then logs "Closing acceptor. Failed accept4: Invalid argument": expected.
+            log.info("tfwsgi: worker %d left gRPC port %d; its %d connections move to the other "
+                     "workers", os.getpid(), port, sockets.connections(port))
+            while (time.monotonic() < deadline and sockets.connections(port)
+                   and sockets.others_listen(port)):
+                time.sleep(poll)
+    except OSError as exc:  # no /proc: stop at once
+        log.warning("tfwsgi: gRPC connections not drained: %s", exc)
+    stop(server, max(1.0, deadline - time.monotonic()))
+    log.info("tfwsgi: worker %d stopped its gRPC server in %.1fs", os.getpid(), time.monotonic() - started)

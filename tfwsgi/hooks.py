@@ -202,9 +202,11 @@ def worker_exit(server: Any, worker: Any) -> None:
     finish), then write out the requests it counted."""
     setup: WorkerSetup | None = getattr(worker, "tfwsgi", None)
     if setup is not None and setup.grpc is not None:
-        from .grpc_api import stop
+        from .grpc_api import drain
 
-        stop(setup.grpc, grace=max(1.0, server.cfg.graceful_timeout - 1.0))
+        # Its clients move to the other workers first; within gunicorn's graceful_timeout,
+        # after which the master kills the worker.
+        drain(setup.grpc, setup.grpc_port, timeout=max(1.0, server.cfg.graceful_timeout - 1.0))
         setup.grpc = None
     from .metrics import flush
 
@@ -257,6 +259,7 @@ class WorkerSetup:
     tf_threads: tuple[int, int]
     grpc: Any = None  # this worker's grpc.Server (tfwsgi.grpc_api) on TFWSGI_PORT, if any
     grpc_core: Any = None  # its grpc_api.Core, given the app's DataPlane in post_worker_init
+    grpc_port: int = 0
 
 
 def post_fork(server: Any, worker: Any) -> None:
@@ -275,14 +278,20 @@ def post_fork(server: Any, worker: Any) -> None:
     initialize_runtime()  # here, where its CUDA probe's lines can be left out of the log
     _limit_malloc_arenas()
     worker.tfwsgi = setup = WorkerSetup(started, heartbeat, tf_threads)
-    port = from_env().port
-    if port:
+    settings = from_env()
+    if settings.port:
         # Here, after fork (grpcio's core must never start in the master) and before the models
         # load: a reload's new workers listen at once (tfwsgi.grpc_api.Core).
         from .grpc_api import Core, serve
 
+        age = settings.grpc_max_connection_age_ms / 1000
+        if age * 1.1 >= server.cfg.graceful_timeout - 1:
+            log.warning("tfwsgi: TFWSGI_GRPC_MAX_CONNECTION_AGE_MS (%d) is not below gunicorn's "
+                        "graceful_timeout (%ss): a stopping worker may not wait for every gRPC "
+                        "client to move", settings.grpc_max_connection_age_ms, server.cfg.graceful_timeout)
         setup.grpc_core = Core()
-        setup.grpc = serve(setup.grpc_core, port)
+        setup.grpc_port = settings.port
+        setup.grpc = serve(setup.grpc_core, settings.port, age)
 
 
 def post_worker_init(worker: Any) -> None:

@@ -152,6 +152,12 @@ class Settings:
             "Port of TF Serving's gRPC API (PredictionService, ModelService), served by every "
             "worker on 0.0.0.0 with SO_REUSEPORT (the kernel spreads connections over the "
             "workers); 0 turns gRPC off.", _port_or_off)
+    grpc_max_connection_age_ms: int = setting(10_000,
+            "A gRPC connection is sent a graceful GOAWAY after about this long (±10%) and its "
+            "client reconnects, which the kernel may give to any worker: how connections spread "
+            "again over the workers after a restart, and how a stopping worker's clients move to "
+            "the others without a failed call (it waits for them up to gunicorn's "
+            "graceful_timeout, so keep this below it); 0: never (grpc's default).", _non_negative)
     rest_api_port: int = setting(8501,
             "Port of the REST API when gunicorn's `-b/--bind` is not given "
             "(binds 0.0.0.0).", _port)

@@ -153,10 +153,14 @@ def test_service_runs_socket_activated_and_notifies(tmp_path: Path, installed: d
     service = section(text, "Service")
     values = dict(service)
     env: dict[str, str] = {"TF_CPP_MIN_LOG_LEVEL": "2", "TFWSGI_WORKERS": "2"}
-    env.update(env_file(Path(values["EnvironmentFile"])))
-    assert env["TFWSGI_PORT"] == "8500"  # the shipped env file serves gRPC on TF Serving's port
+    # The shipped env file serves gRPC on TF Serving's port; here on a free one (tfwsgi reads the
+    # file itself too, TFWSGI_ENV_FILE, so the installed copy says it).
+    installed_env = Path(values["EnvironmentFile"])
+    assert env_file(installed_env)["TFWSGI_PORT"] == "8500"
     grpc_port = free_port()
-    env["TFWSGI_PORT"] = str(grpc_port)  # here on a free one
+    text = installed_env.read_text().replace("TFWSGI_PORT=8500", f"TFWSGI_PORT={grpc_port}")
+    installed_env.write_text(text)
+    env.update(env_file(installed_env))
     for key, value in service:
         if key == "Environment":
             name, _, val = value.partition("=")

@@ -4,6 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 MODELS := build/models
 PORT ?= 8501
+GRPC_PORT ?= 8500
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: all venv v2-clients serve-deps system-deps demo-model serve test lint unit clean install
@@ -55,7 +56,7 @@ demo-model: $(MODELS)/half_plus_two/1/saved_model.pb
 
 serve: venv serve-deps demo-model
 	TFWSGI_MODEL_NAME=half_plus_two TFWSGI_MODEL_BASE_PATH=$(MODELS)/half_plus_two \
-	TFWSGI_REST_API_PORT=$(PORT) $(VENV)/bin/gunicorn -c gunicorn_conf.py tfwsgi:app
+	TFWSGI_REST_API_PORT=$(PORT) TFWSGI_PORT=$(GRPC_PORT) $(VENV)/bin/gunicorn -c gunicorn_conf.py tfwsgi:app
 
 lint: venv
 	$(VENV)/bin/ruff check tfwsgi tests bench gunicorn_conf.py

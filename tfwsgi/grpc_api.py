@@ -48,7 +48,7 @@ from tensorflow_serving.apis import (
     regression_pb2,
 )
 
-from . import metrics, protocodec
+from . import metrics, protocodec, sockets
 from .dataplane import DataPlane, ModelSpec, Options, ProtoPredict
 from .errors import Code, InvalidArgument, TFWSGIError, Unavailable, Unimplemented
 from .interfaces import DEFAULT_SIGNATURE
@@ -418,11 +418,16 @@ def threads(settings: Settings | None = None) -> int:
 
 
 def server_options(settings: Settings) -> list[tuple[str, int | str]]:
-    """grpc.server's options: SO_REUSEPORT, TF Serving's message limits (int32 max), then
+    """grpc.server's options: SO_REUSEPORT, TF Serving's message limits (int32 max), the connection
+    age (``TFWSGI_GRPC_MAX_CONNECTION_AGE_MS``), then
     ``grpc_channel_arguments``, which override them (one value per key)."""
     options: dict[str, int | str] = {"grpc.so_reuseport": 1,
                                      "grpc.max_receive_message_length": MAX_MESSAGE_BYTES,
                                      "grpc.max_send_message_length": MAX_MESSAGE_BYTES}
+    if settings.grpc_max_connection_age_ms > 0:
+        # A graceful GOAWAY after about this long (grpc's ±10% jitter): the client reconnects
+        # (see drain).
+        options["grpc.max_connection_age_ms"] = settings.grpc_max_connection_age_ms
     options.update(channel_arguments(settings.grpc_channel_arguments))
     return list(options.items())
 
@@ -460,3 +465,31 @@ def serve(core: Core, port: int, settings: Settings | None = None) -> grpc.Serve
 def stop(server: grpc.Server, grace: float) -> None:
     """Refuse new calls, let the ones in flight finish for up to ``grace`` seconds."""
     server.stop(grace).wait()
+
+
+def drain(server: grpc.Server, port: int, timeout: float, poll: float = 0.05) -> None:
+    """Leave without failing a call that another worker could answer, within ``timeout`` s.
+
+    ``server.stop`` alone fails calls: from the moment it is called, grpc's core cancels (status
+    CANCELLED) every call it has not yet handed to the servicer and every call that reaches it
+    before the client has read the GOAWAY (core/server/server.cc, ``KillPendingWorkLocked`` and
+    ``StartNewRpc`` when ``ShutdownCalled()``; grpc/grpc#41785), and a busy client sends some.
+    So first the worker stops listening (new connections go to the other workers on the port),
+    then waits while its connections leave on their own: each gets a graceful GOAWAY at its
+    ``max_connection_age`` (the server is not shutting down, so calls that cross it are served,
+    and later ones go to the client's new connection). When none is left, or no other process
+    listens on the port (the whole server is stopping: nowhere to send anyone), the stop."""
+    started = time.monotonic()
+    deadline = started + timeout
+    try:
+        if sockets.stop_listening(port):
+            # grpc then logs "Closing acceptor. Failed accept4: Invalid argument": expected.
+            log.info("tfwsgi: worker %d left gRPC port %d; its %d connections move to the other "
+                     "workers", os.getpid(), port, sockets.connections(port))
+            while (time.monotonic() < deadline and sockets.connections(port)
+                   and sockets.others_listen(port)):
+                time.sleep(poll)
+    except OSError as exc:  # no /proc: stop at once
+        log.warning("tfwsgi: gRPC connections not drained: %s", exc)
+    stop(server, max(1.0, deadline - time.monotonic()))
+    log.info("tfwsgi: worker %d stopped its gRPC server in %.1fs", os.getpid(), time.monotonic() - started)

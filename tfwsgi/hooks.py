@@ -218,11 +218,13 @@ def worker_exit(server: Any, worker: Any) -> None:
     forget(os.environ.get(RELOAD_DIR_ENV), os.getpid())  # leaving: a config reload waits not for it
     setup: WorkerSetup | None = getattr(worker, "tfwsgi", None)
     if setup is not None and setup.grpc is not None:
-        from .grpc_api import stop
+        from .grpc_api import drain
 
         if setup.grpc_core is not None:
             setup.grpc_core.shutdown()  # health NOT_SERVING (max_requests: no SIGTERM came)
-        stop(setup.grpc, grace=max(1.0, server.cfg.graceful_timeout - 1.0))
+        # Its clients move to the other workers first; within gunicorn's graceful_timeout,
+        # after which the master kills the worker.
+        drain(setup.grpc, setup.grpc_port, timeout=max(1.0, server.cfg.graceful_timeout - 1.0))
         setup.grpc = None
     from .metrics import flush
 
@@ -275,6 +277,7 @@ class WorkerSetup:
     tf_threads: tuple[int, int]
     grpc: Any = None  # this worker's grpc.Server (tfwsgi.grpc_api) on TFWSGI_PORT, if any
     grpc_core: Any = None  # its grpc_api.Core, given the app's DataPlane in post_worker_init
+    grpc_port: int = 0
 
 
 def post_fork(server: Any, worker: Any) -> None:
@@ -299,7 +302,13 @@ def post_fork(server: Any, worker: Any) -> None:
         # load: a reload's new workers listen at once (tfwsgi.grpc_api.Core).
         from .grpc_api import Core, serve
 
+        age = settings.grpc_max_connection_age_ms / 1000
+        if age * 1.1 >= server.cfg.graceful_timeout - 1:
+            log.warning("tfwsgi: TFWSGI_GRPC_MAX_CONNECTION_AGE_MS (%d) is not below gunicorn's "
+                        "graceful_timeout (%ss): a stopping worker may not wait for every gRPC "
+                        "client to move", settings.grpc_max_connection_age_ms, server.cfg.graceful_timeout)
         setup.grpc_core = Core()
+        setup.grpc_port = settings.port
         setup.grpc = serve(setup.grpc_core, settings.port, settings)
 
 

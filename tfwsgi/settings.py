@@ -201,6 +201,12 @@ class Settings:
     enable_serialization_as_tensor_content: bool = setting(False,
             "gRPC Predict answers carry their tensors in `tensor_content` (raw bytes) instead of "
             "the typed value fields (`float_val` …), as TF Serving's flag does.")
+    grpc_max_connection_age_ms: int = setting(10_000,
+            "A gRPC connection is sent a graceful GOAWAY after about this long (±10%) and its "
+            "client reconnects, which the kernel may give to any worker: how connections spread "
+            "again over the workers after a restart, and how a stopping worker's clients move to "
+            "the others without a failed call (it waits for them up to gunicorn's "
+            "graceful_timeout, so keep this below it); 0: never (grpc's default).", _non_negative)
     rest_api_port: int = setting(8501,
             "Port of the REST API when gunicorn's `-b/--bind` is not given "
             "(binds 0.0.0.0).", _port)

@@ -8,6 +8,7 @@ import re
 import shlex
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -53,11 +54,12 @@ def test_readme_has_curl_examples():
 @pytest.fixture(scope="module")
 def make_serve(tmp_path_factory):
     """`make serve` exactly as the README says, on a free port."""
-    port = free_port()
+    port, grpc_port = free_port(), free_port()
     log_path = tmp_path_factory.mktemp("make-serve") / "make-serve.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("TFWSGI_")}
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(["make", "serve", f"PORT={port}"], cwd=ROOT, env=env, stdout=log,
+        proc = subprocess.Popen(["make", "serve", f"PORT={port}", f"GRPC_PORT={grpc_port}"], cwd=ROOT,
+                                env=env, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     try:
         workers = os.cpu_count() or 1
@@ -70,7 +72,9 @@ def make_serve(tmp_path_factory):
                 raise RuntimeError(f"make serve did not come up:\n{text[-4000:]}")
             time.sleep(0.3)
         assert requests.get(f"http://127.0.0.1:{port}/v1/models/half_plus_two", timeout=10).ok
-        yield port
+        serving = set(re.findall(rf"tfwsgi: worker (\d+) serves gRPC on port {grpc_port}\b", text))
+        assert len(serving) >= workers, text[-4000:]  # and gRPC, on GRPC_PORT
+        yield port, grpc_port
         # A clean start on a CPU-only machine (issue 18): no CUDA lines in make serve's log.
         if not os.path.exists("/proc/driver/nvidia"):
             cuda = [line for line in log_path.read_text(errors="replace").splitlines()
@@ -82,7 +86,7 @@ def make_serve(tmp_path_factory):
 
 @pytest.mark.parametrize(("command", "expected"), readme_examples(), ids=lambda v: v[:60])
 def test_readme_curl_example(make_serve, command, expected):
-    command = command.replace("localhost:8501", f"127.0.0.1:{make_serve}")
+    command = command.replace("localhost:8501", f"127.0.0.1:{make_serve[0]}")
     assert shlex.split(command)[0] == "curl"
     out = subprocess.run(["bash", "-o", "pipefail", "-c", command], capture_output=True, text=True,
                          timeout=60)
@@ -93,6 +97,20 @@ def test_readme_curl_example(make_serve, command, expected):
         assert out.stdout.replace("\r\n", "\n").strip() == expected.strip()
     else:
         assert json.loads(out.stdout) == want
+
+
+def test_readme_grpc_client_example(make_serve):
+    """The README's Python gRPC client, run as written against `make serve`'s gRPC port; it
+    prints what its last line's comment says."""
+    text = (ROOT / "README.md").read_text()
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "PredictionServiceStub" in b]
+    assert "localhost:8500" in block and "make serve GRPC_PORT=" in text
+    expected = block.rstrip().splitlines()[-1].split("# ", 1)[1]
+    code = block.replace("localhost:8500", f"127.0.0.1:{make_serve[1]}")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == expected
 
 
 def test_readme_drop_in_command_serves_the_demo_model(make_serve, tmp_path):

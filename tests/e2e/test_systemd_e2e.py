@@ -130,6 +130,19 @@ def _notifications(sock: socket.socket) -> list[tuple[int, str]]:
         got.append((pid, data.decode()))
 
 
+def _grpc_predict(port: int, x: float) -> list[float]:
+    import grpc
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = "half_plus_two"
+    request.inputs["x"].CopyFrom(tf.make_tensor_proto([x], dtype=tf.float32))
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        response = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(request, timeout=30)
+    return tf.make_ndarray(response.outputs["y"]).tolist()
+
+
 def _worker_pids(master: int) -> set[int]:
     out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(master)], capture_output=True, text=True)
     return {int(p) for p in out.stdout.split()}
@@ -140,7 +153,14 @@ def test_service_runs_socket_activated_and_notifies(tmp_path: Path, installed: d
     service = section(text, "Service")
     values = dict(service)
     env: dict[str, str] = {"TF_CPP_MIN_LOG_LEVEL": "2", "TFWSGI_WORKERS": "2"}
-    env.update(env_file(Path(values["EnvironmentFile"])))
+    # The shipped env file serves gRPC on TF Serving's port; here on a free one (tfwsgi reads the
+    # file itself too, TFWSGI_ENV_FILE, so the installed copy says it).
+    installed_env = Path(values["EnvironmentFile"])
+    assert env_file(installed_env)["TFWSGI_PORT"] == "8500"
+    grpc_port = free_port()
+    text = installed_env.read_text().replace("TFWSGI_PORT=8500", f"TFWSGI_PORT={grpc_port}")
+    installed_env.write_text(text)
+    env.update(env_file(installed_env))
     for key, value in service:
         if key == "Environment":
             name, _, val = value.partition("=")
@@ -179,6 +199,7 @@ def test_service_runs_socket_activated_and_notifies(tmp_path: Path, installed: d
         r = requests.post(url + "/v1/models/half_plus_two:predict", data='{"instances": [1.0]}', timeout=30)
         assert r.status_code == 200 and json.loads(r.content) == {"predictions": [4.5]}
         assert any(n.endswith(".db") for n in os.listdir(Path(installed["/run/tfwsgi"]) / "metrics"))
+        assert _grpc_predict(grpc_port, 1.0) == [4.5]  # gRPC too, from every worker
 
         # systemctl reload: the unit's ExecReload, with $MAINPID as systemd substitutes it.
         old = _worker_pids(proc.pid)

@@ -229,7 +229,8 @@ def test_answers_in_tensor_content_with_the_flag(tmp_path: Path) -> None:
 def test_channel_arguments_are_read_as_tf_serving_reads_them(text: str, expected: dict[str, object]) -> None:
     options = dict(grpc_api.server_options(make_settings(grpc_channel_arguments=text)))
     defaults = {"grpc.so_reuseport": 1, "grpc.max_receive_message_length": 2**31 - 1,
-                "grpc.max_send_message_length": 2**31 - 1}
+                "grpc.max_send_message_length": 2**31 - 1,
+                "grpc.max_connection_age_ms": 10_000}  # TFWSGI_GRPC_MAX_CONNECTION_AGE_MS
     assert options == {**defaults, **expected}
 
 

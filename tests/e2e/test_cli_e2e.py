@@ -137,8 +137,9 @@ def test_tf_serving_flags_serve_half_plus_two(run, models: Path) -> None:
 
 @pytest.mark.parametrize("flag,message", [
     ("--no_such_flag=1", "tfwsgi-model-server: unknown flag --no_such_flag (see --help)"),
-    ("--grpc_max_threads=8", "tfwsgi-model-server: --grpc_max_threads is a tensorflow_model_server "
-                             "flag tfwsgi does not support: gRPC option not implemented yet (issue 19)"),
+    ("--ssl_config_file=/x", "tfwsgi-model-server: --ssl_config_file is a tensorflow_model_server "
+                             "flag tfwsgi does not support: gRPC with TLS is not implemented "
+                             "(terminate it in front of tfwsgi)"),
 ])
 def test_an_unknown_or_unsupported_flag_exits_non_zero_naming_it(models: Path, flag: str,
                                                                    message: str) -> None:

@@ -280,11 +280,38 @@ class WorkerSetup:
     grpc_port: int = 0
 
 
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+
+
+def _hold_stop_signals(worker: Any) -> None:
+    """Keep a stop signal that comes before gunicorn's worker has its own handlers, and hand it
+    to them once they are in place. Between fork and ``init_process`` (which runs after this
+    hook) a worker still has the master's handlers, which only queue the signal for the master's
+    loop: a SIGTERM sent to the whole process group while a worker started its gRPC server here
+    was lost, and the master waited graceful_timeout (30 s) before it killed that worker."""
+    held: list[int] = []
+
+    def hold(signum: int, frame: Any) -> None:
+        held.append(signum)
+
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, hold)
+    init_signals = worker.init_signals
+
+    def init_signals_then_replay() -> None:
+        init_signals()  # gunicorn's handlers (gunicorn/workers/base.py Worker.init_signals)
+        for signum in dict.fromkeys(held):
+            os.kill(os.getpid(), signum)
+
+    worker.init_signals = init_signals_then_replay
+
+
 def post_fork(server: Any, worker: Any) -> None:
     """Worker, right after fork: its cores, logging, TF's threads and malloc, and its gRPC server
     (TFWSGI_PORT); the models load next, in the app factory, with a heartbeat running meanwhile."""
     started = time.monotonic()
-    _pin(worker)  # first: every thread made below inherits the cores
+    _hold_stop_signals(worker)
+    _pin(worker)  # every thread made below inherits the cores
     _share_gunicorn_logging(server)
     heartbeat = _Heartbeat(worker, interval=min(1.0, server.cfg.timeout / 4))
     tf_threads = fitted_threads(from_env(), server.cfg.workers)

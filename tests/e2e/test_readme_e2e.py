@@ -26,6 +26,7 @@ def stop_group(proc: subprocess.Popen) -> None:
         proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
 
 
 def readme_examples() -> list[tuple[str, str]]:

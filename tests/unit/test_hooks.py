@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from tfwsgi import hooks
 from tfwsgi.settings import from_env
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)
@@ -28,3 +33,30 @@ def test_bind_is_frozen_under_socket_activation() -> None:
     assert hooks.bind_addresses(from_env({}), ours) == ["0.0.0.0:8501"]
     # gunicorn has removed LISTEN_* by the time a reload reads the config again.
     assert hooks.bind_addresses(from_env({"TFWSGI_REST_API_PORT": "9000"}), {}) == ["0.0.0.0:8501"]
+
+
+def test_a_stop_signal_before_gunicorns_handlers_is_handed_to_them() -> None:
+    """A SIGTERM that reaches a worker while post_fork runs (it still has the master's handlers)
+    is held and replayed once gunicorn's worker installs its own (init_signals), so the worker
+    stops instead of being killed after graceful_timeout. In a child process: signal handlers."""
+    code = """
+import os, signal
+from tfwsgi import hooks
+
+class Worker:
+    alive = True
+    def init_signals(self):  # as gunicorn's Worker.init_signals: SIGTERM -> handle_exit
+        signal.signal(signal.SIGTERM, lambda signum, frame: setattr(self, "alive", False))
+
+w = Worker()
+signal.signal(signal.SIGTERM, lambda signum, frame: None)  # the master's handler, inherited
+hooks._hold_stop_signals(w)
+os.kill(os.getpid(), signal.SIGTERM)
+assert w.alive, "not handled before gunicorn's handlers exist"
+w.init_signals()
+assert not w.alive, "the held SIGTERM was not handed to gunicorn's handler"
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

@@ -7,7 +7,7 @@ PORT ?= 8501
 GRPC_PORT ?= 8500
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all venv v2-clients serve-deps system-deps demo-model serve test lint unit clean install
+.PHONY: all venv v2-clients v2-protos serve-deps system-deps demo-model serve test lint unit clean install
 
 all: test
 
@@ -28,6 +28,16 @@ $(CLIENTS_VENV)/.installed: Makefile
 	touch $@
 
 v2-clients: $(CLIENTS_VENV)/.installed
+
+# KServe v2 over gRPC: tfwsgi/v2proto/*_pb2*.py are generated from grpc_predict_v2.proto and checked
+# in (grpcio-tools is a build tool, not a dependency of the server); regenerate them after editing
+# the .proto, with the grpcio-tools of the grpcio tfwsgi pins (its protoc writes protobuf 7 code).
+PROTO_VENV := build/.venv-protos
+v2-protos:
+	$(PYTHON) -m venv $(PROTO_VENV)
+	$(PROTO_VENV)/bin/python -m pip install --quiet 'grpcio-tools>=1.85.1,<1.86'
+	$(PROTO_VENV)/bin/python -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. \
+	  tfwsgi/v2proto/grpc_predict_v2.proto
 
 # System packages: jemalloc for serving (TFWSGI_MEMORY_ALLOCATOR, see docs/architecture.md), and what the
 # tests and benchmarks drive for real.

@@ -1,5 +1,6 @@
 """Real KServe v2 clients against a tfwsgi server: ``python tests/v2_clients.py URL SCENARIO``
-prints what the clients saw as one JSON document.
+prints what the clients saw as one JSON document. SCENARIO ``triton`` and ``kserve`` speak REST
+to URL; ``triton_grpc`` and ``kserve_grpc`` speak gRPC to URL = ``host:port`` (TFWSGI_PORT).
 
 It runs in the clients' own virtualenv (``make v2-clients``: tritonclient 2.73 and kserve 0.21 pin
 protobuf < 7 and ml_dtypes < 0.6, older than the server's), so tests/e2e/test_v2_e2e.py calls it in
@@ -129,9 +130,114 @@ async def kserve(url: str) -> dict[str, Any]:
     return seen
 
 
+def triton_grpc(address: str) -> dict[str, Any]:
+    """tritonclient.grpc against ``host:port`` (tfwsgi's TFWSGI_PORT)."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    c = grpcclient.InferenceServerClient(address)
+
+    def error(call: Any) -> Any:
+        try:
+            return {"value": call()}
+        except InferenceServerException as exc:
+            return {"status": exc.status(), "message": exc.message()}
+
+    seen: dict[str, Any] = {
+        "live": c.is_server_live(), "ready": c.is_server_ready(),
+        "model_ready": c.is_model_ready("hp"), "version_ready": c.is_model_ready("hp", "1"),
+        "label_ready": c.is_model_ready("hp", "stable"),
+        "unknown_ready": error(lambda: c.is_model_ready("nope")),
+        "failed_ready": error(lambda: c.is_model_ready("flaky", "2")),
+        "server_metadata": c.get_server_metadata(as_json=True),
+        "hp_metadata": c.get_model_metadata("hp", as_json=True),
+        "multi_metadata": c.get_model_metadata("multi", as_json=True),
+    }
+
+    def infer(model: str, inputs: list[tuple[str, str, np.ndarray]], outputs: list[str] | None = None,
+              **kw: Any) -> dict[str, Any]:
+        tensors = []
+        for name, datatype, arr in inputs:
+            t = grpcclient.InferInput(name, list(arr.shape), datatype)
+            t.set_data_from_numpy(arr)
+            tensors.append(t)
+        requested = None if outputs is None else [grpcclient.InferRequestedOutput(n) for n in outputs]
+        r = c.infer(model, tensors, outputs=requested, **kw)
+        response = r.get_response(as_json=True)
+        names = [o["name"] for o in response["outputs"]]
+        return {"id": response.get("id"), "model_version": response["model_version"],
+                "outputs": {n: _out(r.as_numpy(n)) for n in names}}
+
+    x = np.array([1.0, 2.0, 5.0], dtype=np.float32)
+    seen["hp"] = infer("hp", [("x", "FP32", x)], request_id="r1")
+    seen["hp_stable"] = infer("hp", [("x", "FP32", x)], model_version="stable")
+    seen["multi"] = infer("multi", [("a", "FP32", np.array([[1, 2], [3, 4]], dtype=np.float32)),
+                                    ("b", "INT32", np.array([10, 20], dtype=np.int32))], outputs=["sum"])
+    seen["strings"] = infer("multi", [("s", "BYTES", np.array([b"ab", b"xyz"], dtype=object))],
+                            parameters={"signature_name": "strings"})
+    seen["boolean"] = infer("multi", [("flag", "BOOL", np.array([True, False]))],
+                            parameters={"signature_name": "boolean"})
+    seen["double"] = infer("multi", [("x", "FP64", np.array([3.0, 1.5]))],
+                           parameters={"signature_name": "double"})
+    seen["errors"] = {
+        "unknown_model": error(lambda: infer("nope", [("x", "FP32", x)])),
+        "wrong_datatype": error(lambda: infer("hp", [("x", "FP64", x.astype(np.float64))])),
+        "unknown_output": error(lambda: infer("hp", [("x", "FP32", x)], outputs=["z"])),
+        "wrong_shape": error(lambda: infer("multi", [("a", "FP32", np.ones(3, np.float32)),
+                                                     ("b", "INT32", np.ones(3, np.int32))])),
+    }
+    c.close()
+    return seen
+
+
+async def kserve_grpc(address: str) -> dict[str, Any]:
+    """kserve's InferenceGRPCClient against ``host:port``."""
+    from kserve import InferenceGRPCClient, InferInput, InferRequest
+    from kserve.protocol.infer_type import RequestedOutput
+
+    client = InferenceGRPCClient(address, retries=0)
+    seen: dict[str, Any] = {"live": await client.is_server_live(), "ready": await client.is_server_ready(),
+                            "model_ready": await client.is_model_ready("hp")}
+    try:
+        seen["unknown_ready"] = await client.is_model_ready("nope")
+    except Exception as exc:  # grpc.aio.AioRpcError
+        seen["unknown_ready"] = {"code": str(exc.code()), "details": exc.details()}  # type: ignore[attr-defined]
+
+    async def infer(model: str, inputs: list[tuple[str, str, np.ndarray]], outputs: list[str] | None = None,
+                    **parameters: Any) -> dict[str, Any]:
+        tensors = []
+        for name, datatype, arr in inputs:
+            t = InferInput(name, list(arr.shape), datatype)
+            t.set_data_from_numpy(arr, binary_data=True)  # raw_input_contents
+            tensors.append(t)
+        requested = None if outputs is None else [RequestedOutput(n) for n in outputs]
+        request = InferRequest(model, tensors, request_id="k1", parameters=parameters or None,
+                               request_outputs=requested)
+        r = await client.infer(request)
+        return {"id": r.id, "model_name": r.model_name, "model_version": r.model_version,
+                "outputs": {o.name: _out(o.as_numpy()) for o in r.outputs}}
+
+    x = np.array([1.0, 2.0, 5.0], dtype=np.float32)
+    seen["hp"] = await infer("hp", [("x", "FP32", x)])
+    seen["multi"] = await infer("multi", [("a", "FP32", np.array([[1, 2], [3, 4]], dtype=np.float32)),
+                                          ("b", "INT32", np.array([10, 20], dtype=np.int32))],
+                                outputs=["b_twice"])
+    seen["strings"] = await infer("multi", [("s", "BYTES", np.array([b"ab", b"xyz"], dtype=object))],
+                                  signature_name="strings")
+    await client.close()
+    return seen
+
+
 def main() -> None:
     url, scenario = sys.argv[1], sys.argv[2]
-    seen = triton(url) if scenario == "triton" else asyncio.run(kserve(url))
+    if scenario == "triton":
+        seen = triton(url)
+    elif scenario == "triton_grpc":
+        seen = triton_grpc(url)
+    elif scenario == "kserve_grpc":
+        seen = asyncio.run(kserve_grpc(url))
+    else:
+        seen = asyncio.run(kserve(url))
     json.dump(seen, sys.stdout)
 
 

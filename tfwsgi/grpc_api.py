@@ -13,7 +13,9 @@ import TensorFlow's package, which only a worker runs). It stops gracefully in `
 Implemented: Predict (with ``output_filter``), Classify, Regress, MultiInference,
 GetModelMetadata (``signature_def``), GetModelStatus and HandleReloadConfigRequest (applied in
 every worker through ``tfwsgi.reloads``). With ``TFWSGI_ENABLE_GRPC_HEALTHCHECK_SERVICE``, gRPC's
-standard health service too (``Health``).
+standard health service too (``Health``). On the same server, KServe v2's
+``inference.GRPCInferenceService`` (``InferenceServicer``: the answers of ``/v2`` over REST,
+through the same core; errors with the gRPC code of the error, as Triton's gRPC server gives them).
 
 TF Serving's server options (tensorflow_serving/model_servers/server.cc ``BuildAndStart``):
 ``SetMaxMessageSize(INT32_MAX)``, then ``--grpc_channel_arguments`` (which override it here),
@@ -48,14 +50,16 @@ from tensorflow_serving.apis import (
     regression_pb2,
 )
 
-from . import metrics, protocodec, sockets
-from .dataplane import DataPlane, ModelSpec, Options, ProtoPredict
-from .errors import Code, InvalidArgument, TFWSGIError, Unavailable, Unimplemented
+from . import __version__, metrics, protocodec, sockets, v2protocodec
+from .dataplane import DataPlane, ModelSpec, Options, ProtoPredict, V2Predict
+from .errors import Code, InvalidArgument, NotFound, TFWSGIError, Unavailable, Unimplemented
 from .interfaces import DEFAULT_SIGNATURE
-from .manager import Listener, ModelManager
+from .manager import AVAILABLE, Listener, ModelManager
 from .reloads import UNSUPPORTED, Reloads
 from .settings import INT32_MAX, Settings, channel_arguments, from_env
 from .source import model_configs
+from .v2proto import grpc_predict_v2_pb2 as v2_pb2
+from .v2proto import grpc_predict_v2_pb2_grpc as v2_pb2_grpc
 
 log = logging.getLogger("tfwsgi")
 T = TypeVar("T")
@@ -409,6 +413,89 @@ class ModelServicer(_Servicer, model_service_pb2_grpc.ModelServiceServicer):
         reloads.reload(text_format.MessageToString(request.config), _options(context).deadline)
 
 
+V2_SERVER_NAME = "tfwsgi"  # /v2's (tfwsgi.v2.SERVER_NAME, EXTENSIONS)
+V2_EXTENSIONS = ["binary_tensor_data"]
+_INT64_MAX = 2**63 - 1
+
+
+def v2_spec(name: str, version: str) -> ModelSpec:
+    """A v2 model name and version string: "" the latest, digits a version, else a label (/v2's)."""
+    if not version:
+        return ModelSpec(name)
+    if version.isdigit():
+        if int(version) > _INT64_MAX:
+            raise InvalidArgument(f"Failed to convert version: {version} to numeric.")
+        return ModelSpec(name, int(version))
+    return ModelSpec(name, label=version)
+
+
+class InferenceServicer(_Servicer, v2_pb2_grpc.GRPCInferenceServiceServicer):
+    """KServe v2's ``inference.GRPCInferenceService``: /v2's answers over gRPC."""
+
+    def ServerLive(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return v2_pb2.ServerLiveResponse(live=True)
+
+    def ServerReady(self, request: Any, context: grpc.ServicerContext) -> Any:
+        """Ready when this worker has a version of every configured model (at once: no wait)."""
+        try:
+            dataplane = self.core.get(timeout=0)
+        except Unavailable:
+            return v2_pb2.ServerReadyResponse(ready=False)
+        return v2_pb2.ServerReadyResponse(ready=all(dataplane.manager.ready().values()))
+
+    def ModelReady(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return _answer(context, self._model_ready, request, context)
+
+    def _model_ready(self, request: Any, context: grpc.ServicerContext) -> Any:
+        """ready; or not ready (a version loading, unloaded or failed: why, in the trailing
+        metadata ``tfwsgi-not-ready``); NOT_FOUND for no such model or version."""
+        dataplane = self.dataplane
+        spec = v2_spec(request.name, request.version)
+        try:
+            dataplane.servable(spec)
+        except NotFound as exc:
+            states = dataplane.status(ModelSpec(spec.name, spec.version))  # NotFound: unknown
+            detail = "; ".join(f"version {s.version} is {s.state}"
+                               + (f": {s.error_message}" if s.error_message else "") for s in states)
+            context.set_trailing_metadata((("tfwsgi-not-ready", f"{exc.message} ({detail})"),))
+            return v2_pb2.ModelReadyResponse(ready=False)
+        return v2_pb2.ModelReadyResponse(ready=True)
+
+    def ServerMetadata(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return v2_pb2.ServerMetadataResponse(name=V2_SERVER_NAME, version=__version__,
+                                             extensions=V2_EXTENSIONS)
+
+    def ModelMetadata(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return _answer(context, self._model_metadata, request)
+
+    def _model_metadata(self, request: Any) -> Any:
+        """The default signature's inputs and outputs, as /v2/models/{m}[/versions/{v}]."""
+        dataplane = self.dataplane
+        servable, signature_defs = dataplane.metadata(v2_spec(request.name, request.version))
+        sig = signature_defs.get("signature_def", {}).get(DEFAULT_SIGNATURE)
+        if sig is None:
+            raise InvalidArgument(f'Serving signature name: "{DEFAULT_SIGNATURE}" not found in '
+                                  "signature def")
+        versions = sorted(s.version for s in dataplane.status(ModelSpec(servable.name))
+                          if s.state == AVAILABLE)
+        response = v2_pb2.ModelMetadataResponse(name=servable.name, versions=[str(v) for v in versions],
+                                                platform="tensorflow_savedmodel")
+        v2protocodec.tensor_metadata(response.inputs, sig.get("inputs", {}))
+        v2protocodec.tensor_metadata(response.outputs, sig.get("outputs", {}))
+        return response
+
+    def ModelInfer(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return _answer(context, metrics.observe_request, quote(request.model_name, safe=""), "predict",
+                       self._infer, request, context, entrypoint="GRPC")
+
+    def _infer(self, request: Any, context: grpc.ServicerContext) -> Any:
+        spec = v2_spec(request.model_name, request.model_version)
+        infer_request = v2protocodec.parse_infer(request)
+        answer = self.dataplane.predict(spec, V2Predict(infer_request), _options(context))
+        return v2protocodec.encode_infer(v2_pb2.ModelInferResponse(), spec.name, answer.version,
+                                         infer_request, answer.outputs)
+
+
 def threads(settings: Settings | None = None) -> int:
     """``--grpc_max_threads``, or TF Serving's default: 4 × the cores (this worker's)."""
     if settings is not None and settings.grpc_max_threads:
@@ -445,6 +532,7 @@ def build(core: Core | DataPlane, settings: Settings | None = None,
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
         PredictionServicer(core, settings.enable_serialization_as_tensor_content), server)
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(core), server)
+    v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(core), server)
     if settings.enable_grpc_healthcheck_service:
         servicer = health.HealthServicer()
         core.use_health(Health(servicer), settings)

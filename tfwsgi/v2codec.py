@@ -191,11 +191,16 @@ def _dtype(datatype: str, name: str) -> np.dtype:
 
 
 def _flatten(value: Any) -> Iterator[Any]:
-    if isinstance(value, list):
-        for v in value:
-            yield from _flatten(v)
-    else:
-        yield value
+    """The leaves of nested lists, in order; iterative, as JSON may nest deeper than Python recurses."""
+    stack = [iter([value])]
+    while stack:
+        for v in stack[-1]:
+            if isinstance(v, list):
+                stack.append(iter(v))
+                break
+            yield v
+        else:
+            stack.pop()
 
 
 def _count_error(name: str, shape: tuple[int, ...], n: int, got: int) -> InvalidArgument:

@@ -299,6 +299,11 @@ BAD_BODIES = [
     (json.dumps({"inputs": [tensor("z", "FP32", [1], [1])]}), "input size does not match signature"),
     (json.dumps({"inputs": [X], "parameters": {"signature_name": "nosuch"}}), '"nosuch" not found'),
     (json.dumps({"inputs": [{**X, "parameters": {"binary_data_size": 4}}]}), "both 'data' and"),
+    # nested 1000 deep (the JSON parser takes 1024): was a RecursionError and a 500
+    ('{"inputs": [{"name": "x", "datatype": "BYTES", "shape": [1], "data": '
+     + "[" * 1000 + '"a"' + "]" * 1000 + "}]}", "model 'hp' expects 'FP32'"),
+    ('{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": '
+     + "[" * 1000 + "1" + "]" * 1000 + "}]}", "evenly nested"),
 ]
 
 
@@ -363,6 +368,14 @@ def test_model_errors_get_tritons_status(client):
     assert error(client.post("/v2/models/multi/infer", json=unavailable), 503) == "the device went away"
     op_error = infer_json([tensor("x", "FP32", [1], [-1])], parameters={"signature_name": "positive_only"})
     assert "x must be > 0" in error(client.post("/v2/models/multi/infer", json=op_error), 400)
+
+
+@pytest.mark.parametrize("version", ["\u00b2", "\u0661", "1\u00b2"])
+def test_a_version_of_non_ascii_digits_is_a_label(client, version):
+    """Was a 500 for "²" (str.isdigit, then int() fails) and version 1 for "١" (int() takes it)."""
+    assert f"label: {version}" in error(client.get(f"{HP}/versions/{version}"), 400)
+    infer = client.post(f"{HP}/versions/{version}/infer", json=infer_json([X]))
+    assert f"label: {version}" in error(infer, 400)
 
 
 def test_other_paths_and_methods_are_400_json(client):

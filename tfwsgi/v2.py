@@ -85,7 +85,7 @@ def ready() -> Response:
 def _spec(name: str, version: str | None) -> ModelSpec:
     if version is None:
         return ModelSpec(name)
-    if version.isdigit():
+    if version.isascii() and version.isdigit():  # not "²" (int() fails) nor "١" (int() takes it)
         if int(version) > _INT64_MAX:
             raise InvalidArgument(f"Failed to convert version: {version} to numeric.")
         return ModelSpec(name, int(version))

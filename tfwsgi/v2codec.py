@@ -98,7 +98,7 @@ def split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryvie
     if header_length is None:
         return body, memoryview(b"")
     n = header_length.strip()
-    if not n.isdigit():
+    if not (n.isascii() and n.isdigit()):  # not "²", which isdigit() takes and int() does not
         raise InvalidArgument(
             f"Inference-Header-Content-Length must be a non-negative integer, got {header_length!r}")
     if int(n) > len(body):
@@ -191,11 +191,16 @@ def _dtype(datatype: str, name: str) -> np.dtype:
 
 
 def _flatten(value: Any) -> Iterator[Any]:
-    if isinstance(value, list):
-        for v in value:
-            yield from _flatten(v)
-    else:
-        yield value
+    """The leaves of nested lists, in order; iterative, as JSON may nest deeper than Python recurses."""
+    stack = [iter([value])]
+    while stack:
+        for v in stack[-1]:
+            if isinstance(v, list):
+                stack.append(iter(v))
+                break
+            yield v
+        else:
+            stack.pop()
 
 
 def _count_error(name: str, shape: tuple[int, ...], n: int, got: int) -> InvalidArgument:
@@ -240,7 +245,8 @@ def decode_json(data: Any, datatype: str, shape: tuple[int, ...], name: str) -> 
         info = np.iinfo(dtype)
         if arr.min() < info.min or arr.max() > info.max:
             raise InvalidArgument(f"input '{name}': a value is out of the range of {datatype}")
-    return arr.astype(dtype).reshape(shape)
+    with np.errstate(over="ignore"):  # a float past FP16/FP32's range: ±inf, as Triton's cast gives
+        return arr.astype(dtype).reshape(shape)
 
 
 def decode_binary(data: memoryview, datatype: str, shape: tuple[int, ...], name: str) -> np.ndarray:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import requests
 import schemathesis
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
@@ -24,6 +24,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from conftest import Server
+from v2_fuzz import infer_bodies
 
 pytestmark = pytest.mark.e2e
 
@@ -55,23 +56,27 @@ def test_every_error_response_is_the_error_schema():
     for path, item in spec["paths"].items():
         for op in item.values():
             for code, resp in op["responses"].items():
-                if int(code) >= 400 and path != "/v2/health/ready":  # readiness: 503 is its answer
+                if path.endswith("/ready") and code in ("400", "503"):  # readiness: its answers
+                    continue
+                if int(code) >= 400:
                     assert resp == {"$ref": f"#/components/responses/E{code}"}, (path, code)
     assert spec["components"]["schemas"]["Error"]["required"] == ["error"]
 
 
 def test_the_spec_names_every_route_the_server_has(server):
-    """Flask's routes and the /v1 forms of api.py are all described (and nothing else is)."""
+    """Flask's routes, the /v1 forms of api.py and v2.py's routes are all described (and nothing else is)."""
     spec_paths = set(load_spec()["paths"])
     served = server.get("/openapi.json")
     assert served.status_code == 200 and served.headers["Content-Type"] == "application/json"
     assert served.json() == load_spec()
-    flask_paths = {"/v2/health/live", "/v2/health/ready", "/metrics", "/monitoring/prometheus/metrics",
+    flask_paths = {"/v2", "/v2/health/live", "/v2/health/ready", "/metrics", "/monitoring/prometheus/metrics",
                    "/openapi.json"}
+    v2 = {f"/v2/models/{{model}}{spec}{tail}"
+          for spec in ("", "/versions/{version}") for tail in ("", "/ready", "/infer")}
     v1 = {f"/v1/models/{{model}}{spec}{tail}"
           for spec in ("", "/versions/{version}", "/labels/{label}")
           for tail in ("", "/metadata", ":predict", ":classify", ":regress")}
-    assert spec_paths == flask_paths | v1
+    assert spec_paths == flask_paths | v1 | v2
     for path in flask_paths:
         assert server.get(path).status_code in (200, 503), path
     assert server.get("/openapi.json/x").status_code == 404  # the HTML 404 of other paths stays
@@ -105,14 +110,23 @@ def fuzz_schema(fuzz_server: Server) -> schemathesis.BaseSchema:
 
 
 def json_body(ctx: object, response: schemathesis.Response, case: schemathesis.Case) -> bool | None:
-    """Every answer but the metrics text is a JSON document."""
+    """Every answer but the metrics text is a JSON document (v2's binary answers start with one);
+    every error is ``{"error": "…"}`` (a model not ready says so with its name, as documented)."""
     if case.path in ("/metrics", "/monitoring/prometheus/metrics"):
         return None
     content_type = response.headers.get("content-type", [""])[0]
+    content = response.content
+    if response.status_code == 200 and case.path.endswith("/infer") and "octet-stream" in content_type:
+        length = int(response.headers["inference-header-content-length"][0])
+        content, content_type = content[:length], "application/json"
+        for output in json.loads(content)["outputs"]:
+            assert "data" in output or "binary_data_size" in output["parameters"], output
     assert content_type.startswith("application/json"), (response.status_code, content_type)
-    doc = json.loads(response.content)  # Python's parser: TF Serving writes NaN and Infinity
+    doc = json.loads(content)  # Python's parser: TF Serving writes NaN and Infinity
     if response.status_code >= 400:
-        assert isinstance(doc, dict) and set(doc) == {"error"}, doc
+        keys = {"error", "name", "ready"} if case.path.endswith("/ready") else {"error"}
+        assert isinstance(doc, dict) and "error" in doc and set(doc) <= keys, doc
+        assert isinstance(doc["error"], str) and doc["error"], doc
     return True
 
 
@@ -123,6 +137,8 @@ OPERATIONS = [op["operationId"] for item in load_spec()["paths"].values() for op
 # models, not only the 404.
 MODELS = [{"model": "half_plus_two", "version": 2, "label": "stable"},
           {"model": "multi", "version": 7, "label": "none"}]
+V2_MODELS = [{"model": "half_plus_two", "version": v} for v in ("2", "stable")] + [
+    {"model": "multi", "version": "7"}]  # /v2's {version} is a number or a label
 STATUSES: Counter[tuple[str, int]] = Counter()  # (operationId, status) of every fuzz request
 
 
@@ -137,12 +153,13 @@ def run_fuzz(fuzz_schema: schemathesis.BaseSchema, operation_id: str) -> None:
     strategies = [operation.as_strategy(), operation.as_strategy(GenerationMode.NEGATIVE)]
     names = {p.name for p in operation.path_parameters}
     if "model" in names:
-        for model in MODELS:
+        for model in V2_MODELS if operation.path.startswith("/v2") else MODELS:
             params = {k: v for k, v in model.items() if k in names}
             strategies.append(operation.as_strategy(path_parameters=params))
             if operation.body:  # and the documented example body (the README's curl examples)
-                example = operation.body[0].definition["example"]
-                strategies.append(operation.as_strategy(path_parameters=params, body=example))
+                json_body = next(b for b in operation.body if b.media_type == "application/json")
+                strategies.append(operation.as_strategy(path_parameters=params, body=json_body.definition[
+                    "example"], media_type="application/json"))
     session = requests.Session()
 
     @given(case=st.one_of(strategies))
@@ -164,11 +181,43 @@ def test_the_fuzz_reached_the_models(fuzz_schema: schemathesis.BaseSchema, fuzz_
         if not any(op == operation_id for op, _ in STATUSES):
             run_fuzz(fuzz_schema, operation_id)
     print(sorted(STATUSES.items()))
-    for method in ("predict", "classify", "regress"):
+    for method in ("predict", "classify", "regress", "inferV2"):
         codes = {code for (op, code) in STATUSES if op.startswith(method)}
         assert {200, 400, 404} <= codes, (method, codes)
     with_model = sum("{model}" in path for path in load_spec()["paths"])
     assert sum(STATUSES.values()) >= with_model * MAX_EXAMPLES * 0.9
+
+
+V2_STATUSES: Counter[int] = Counter()
+
+
+@pytest.mark.parametrize("model", ["half_plus_two", "multi"])
+def test_fuzz_v2_bodies_on_the_live_server(fuzz_server: Server, model: str) -> None:
+    """tests/v2_fuzz.py's near-valid /v2 infer bodies (binary sizes and lengths, BYTES prefixes,
+    shapes, datatypes) through the real models: a 200, or a 4xx/501 ``{"error": "…"}``."""
+    session = requests.Session()
+
+    @given(body=infer_bodies(model))
+    @example(body=(b'{"inputs": []}', {"Inference-Header-Content-Length": "\u00b2"}))  # were 500s
+    @example(body=(b'{"inputs": [{"name": "s", "datatype": "BYTES", "shape": [1], "data": '
+                   + b"[" * 1000 + b'"a"' + b"]" * 1000 + b"}]}", {}))
+    @settings(max_examples=4 * MAX_EXAMPLES, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    def fuzz(body: tuple[bytes, dict[str, str]]) -> None:
+        data, headers = body
+        r = session.post(f"{fuzz_server.url}/v2/models/{model}/infer", data=data, headers=headers,
+                         timeout=30)
+        V2_STATUSES[r.status_code] += 1
+        assert r.status_code == 200 or 400 <= r.status_code < 500 or r.status_code == 501, (
+            r.status_code, r.text[:300], data[:300], headers)
+        if r.status_code != 200:
+            assert r.headers["Content-Type"] == "application/json"
+            assert set(r.json()) == {"error"}, r.text
+
+    with session:
+        fuzz()
+    print(model, sorted(V2_STATUSES.items()))
+    assert {200, 400} <= set(V2_STATUSES)
 
 
 def test_the_fuzz_left_every_worker_alive(fuzz_server: Server) -> None:

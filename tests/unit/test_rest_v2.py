@@ -10,9 +10,12 @@ import struct
 import numpy as np
 import pytest
 from flask.testing import FlaskClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from fakes import FakeModel, FakeServable, FakeSignature, loaded, make_app, standard_models
 from tfwsgi import __version__, v2codec
+from v2_fuzz import infer_bodies
 
 HP = "/v2/models/hp"
 DTYPES = {k: v for k, v in v2codec.DATATYPES.items() if k != "BYTES"}
@@ -299,6 +302,11 @@ BAD_BODIES = [
     (json.dumps({"inputs": [tensor("z", "FP32", [1], [1])]}), "input size does not match signature"),
     (json.dumps({"inputs": [X], "parameters": {"signature_name": "nosuch"}}), '"nosuch" not found'),
     (json.dumps({"inputs": [{**X, "parameters": {"binary_data_size": 4}}]}), "both 'data' and"),
+    # nested 1000 deep (the JSON parser takes 1024): was a RecursionError and a 500
+    ('{"inputs": [{"name": "x", "datatype": "BYTES", "shape": [1], "data": '
+     + "[" * 1000 + '"a"' + "]" * 1000 + "}]}", "model 'hp' expects 'FP32'"),
+    ('{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": '
+     + "[" * 1000 + "1" + "]" * 1000 + "}]}", "evenly nested"),
 ]
 
 
@@ -318,6 +326,14 @@ def test_values_out_of_range_or_of_the_wrong_type(client, datatype, data):
     assert "out of the range" in message or "not " + datatype in message
 
 
+@pytest.mark.parametrize("datatype", ["FP16", "FP32"])
+def test_floats_past_the_range_are_infinities(client, datatype):
+    """As Triton's and TF Serving's casts give (was a RuntimeWarning: a 500 where warnings are errors)."""
+    body = infer_json([tensor("x", datatype, [2], [1e300, -1e300])], parameters={"signature_name": datatype})
+    assert ok(client.post("/v2/models/types/infer", json=body))["outputs"][0]["data"] == [
+        float("inf"), float("-inf")]
+
+
 def raw_infer(client, header: dict, binary: bytes, header_length: int | str | None = None):
     text = json.dumps(header).encode()
     n = len(text) if header_length is None else header_length
@@ -331,6 +347,7 @@ def size(n: int, datatype: str = "FP32", shape: list[int] | None = None) -> dict
 
 @pytest.mark.parametrize(("header", "binary", "length", "message"), [
     (size(4), b"\0\0\x80?", "x", "must be a non-negative integer"),
+    (size(4), b"\0\0\x80?", "\u00b2", "must be a non-negative integer"),  # was a 500 (found by the fuzz)
     (size(4), b"\0\0\x80?", 10**6, "is larger than the body"),
     (size(8), b"\0\0\x80?", None, "past the end of the binary data"),
     (size(4), b"\0\0\x80?\0", None, "1 bytes of binary data follow the inputs"),
@@ -365,6 +382,14 @@ def test_model_errors_get_tritons_status(client):
     assert "x must be > 0" in error(client.post("/v2/models/multi/infer", json=op_error), 400)
 
 
+@pytest.mark.parametrize("version", ["\u00b2", "\u0661", "1\u00b2"])
+def test_a_version_of_non_ascii_digits_is_a_label(client, version):
+    """Was a 500 for "²" (str.isdigit, then int() fails) and version 1 for "١" (int() takes it)."""
+    assert f"label: {version}" in error(client.get(f"{HP}/versions/{version}"), 400)
+    infer = client.post(f"{HP}/versions/{version}/infer", json=infer_json([X]))
+    assert f"label: {version}" in error(infer, 400)
+
+
 def test_other_paths_and_methods_are_400_json(client):
     assert error(client.get("/v2/models/hp/infer"), 400) == "Malformed request: GET /v2/models/hp/infer"
     assert error(client.post(HP), 400) == "Malformed request: POST /v2/models/hp"
@@ -376,3 +401,25 @@ def test_a_body_over_the_limit_is_413_json(tmp_path):
     small = make_app(tmp_path, max_request_bytes=64).test_client()
     body = infer_json([tensor("x", "FP32", [40], [1.0] * 40)])
     assert "larger than the limit of 64 bytes" in error(small.post(HP + "/infer", json=body), 413)
+
+
+FUZZ_STATUSES: set[int] = set()
+
+
+@given(model=st.sampled_from(["hp", "multi"]), data=st.data())
+@settings(max_examples=600, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+def test_fuzzed_bodies_get_an_answer_or_a_4xx_json_error(app, model, data):
+    """tests/v2_fuzz.py's near-valid bodies (binary sizes and lengths, shapes, datatypes, values):
+    a 200, or a 4xx/501 ``{"error": "…"}``, never a 500 (warnings are errors here, too)."""
+    body, headers = data.draw(infer_bodies(model))
+    resp = app.test_client().post(f"/v2/models/{model}/infer", data=body, headers=headers)
+    FUZZ_STATUSES.add(resp.status_code)
+    assert resp.status_code == 200 or 400 <= resp.status_code < 500 or resp.status_code == 501, (
+        resp.status_code, resp.get_data(as_text=True), body[:300], headers)
+    if resp.status_code != 200:
+        error(resp, resp.status_code)
+
+
+def test_the_fuzz_reached_the_models():
+    """Runs after the fuzz (file order): the bodies got answers too, not only errors."""
+    assert {200, 400} <= FUZZ_STATUSES

@@ -56,7 +56,7 @@ class _V1(BaseConverter):
 
 
 class _Rest(BaseConverter):
-    regex = ".*"
+    regex = "(?s:.*)"  # any character, a line break too (TF Serving matches the raw path)
     part_isolating = False
 
 
@@ -121,8 +121,8 @@ class V1Adapter:
 
 def v1_path(path: str) -> bool:
     """Whether werkzeug would match ``path`` (a request's decoded path) against the v1 rule:
-    ``/v1/`` in any case, then anything but a line break (``.*``)."""
-    return path[:4] in ("/v1/", "/V1/") and "\n" not in path
+    ``/v1/`` in any case, then anything."""
+    return path[:4] in ("/v1/", "/V1/")
 
 
 blueprint = Blueprint("v1", __name__)

@@ -355,7 +355,8 @@ def test_an_api_key_before_request_refuses_an_unauthenticated_predict(tmp_path):
 # ------------------------------------------------------------------ routing /v1 without werkzeug's router
 
 ROUTED = ["/v1/models/hp:predict", "/V1/models/hp/versions/1:predict", "/v1/", "/v1/models",
-          "/v1/models/a%20b/labels/x:classify", "/v1//models//hp", "/v1/models/hp/metadata"]
+          "/v1/models/a%20b/labels/x:classify", "/v1//models//hp", "/v1/models/hp/metadata",
+          "/v1/models/a%0Ab:predict", "/v1/models/%0D%0A/versions/1"]
 
 
 def test_a_v1_path_matches_as_werkzeugs_router_matches_it(app):
@@ -377,7 +378,7 @@ def test_a_v1_path_matches_as_werkzeugs_router_matches_it(app):
 def test_a_path_werkzeug_would_not_match_is_left_to_werkzeug(app):
     from tfwsgi.api import V1Adapter
 
-    for path in ["/v2/health/live", "/v1", "/v11/models", "/v1/models/a%0Ab", "/metrics"]:
+    for path in ["/v2/health/live", "/v1", "/v11/models", "/metrics"]:
         with app.test_request_context(path):
             assert not isinstance(app.create_url_adapter(request._get_current_object()), V1Adapter), path
 
@@ -410,3 +411,12 @@ def test_url_for_works_in_a_hook_of_a_shortcut_request(tmp_path):
 
     assert app.test_client().post(P, json={"instances": [1.0]}).status_code == 200
     assert seen == ["/v2/health/ready"]
+
+
+def test_a_model_name_with_a_line_break_is_answered_by_the_api_in_json(client):
+    """TF Serving matches the raw path, where a line break is %0A: an unknown model, in JSON
+    (the route once refused the decoded line break and answered Flask's HTML 404)."""
+    for path in ["/v1/models/%0Ahp/versions/1:predict", "/v1/models/a%0Ab:predict"]:
+        r = client.post(path, json={"instances": [1.0]})
+        assert r.status_code == 404 and r.is_json, (path, r.get_data(as_text=True))
+        assert r.get_json()["error"].startswith("Servable not found for request"), path

@@ -207,9 +207,21 @@ class _Window:
                 self.errors[error] = self.errors.get(error, 0) + 1
 
 
+def keeps_alive(head: bytes) -> bool:
+    """Whether an HTTP/1.1 answer's head leaves the connection open (a server closes it after its
+    answer with ``Connection: close``: tfwsgi after 1000 requests on a connection, as nginx's
+    keepalive_requests; gunicorn's sync workers after each)."""
+    for line in head.decode("latin-1").split("\r\n")[1:]:
+        name, _, value = line.partition(":")
+        if name.strip().lower() == "connection":
+            return "close" not in value.lower()
+    return True
+
+
 async def _rest_loop(port: int, requests: list[bytes], w: _Window, offset: int) -> None:
     """One keep-alive connection, one call at a time; a failed call is counted and the connection
-    opened anew."""
+    opened anew, as is one the server closes after its answer (``Connection: close``), as a
+    browser or wrk does, without counting an error."""
     i = offset
     conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
     while time.monotonic() < w.end:
@@ -234,6 +246,9 @@ async def _rest_loop(port: int, requests: list[bytes], w: _Window, offset: int) 
             await asyncio.sleep(0.01)  # not a busy loop while the server is away
             continue
         w.done(sent, None if status == 200 else f"HTTP {status}")
+        if not keeps_alive(head):
+            conn[1].close()
+            conn = None
     if conn is not None:
         conn[1].close()
 

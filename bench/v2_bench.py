@@ -49,6 +49,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from grpc_bench import (  # noqa: E402
     Clients,
+    _rest_loop,
     _Window,
     connection_owners,
     fmt_range,
@@ -118,14 +119,6 @@ def response_tensor(transport: str, body: bytes, header_length: str | None) -> n
     return np.asarray(doc["predictions"], dtype=np.float32)
 
 
-def keeps_alive(head: bytes) -> bool:
-    """Whether an HTTP/1.1 answer's head leaves the connection open (gunicorn's sync workers, the
-    plain app's, close it after each answer: ``Connection: close``)."""
-    for line in head.decode("latin-1").split("\r\n")[1:]:
-        name, _, value = line.partition(":")
-        if name.strip().lower() == "connection":
-            return "close" not in value.lower()
-    return True
 
 
 def tensors(case: str, process: int) -> list[np.ndarray]:
@@ -193,41 +186,6 @@ def render(cases: list[str], results: dict[str, dict[str, dict]], scaling: dict[
 
 # --- the client process (``v2_bench.py _client``) --------------------------------------------------
 
-async def _http_loop(port: int, requests: list[bytes], w: _Window, offset: int) -> None:
-    """grpc_bench's ``_rest_loop``, but a connection the server closes after its answer
-    (``Connection: close``) is opened anew for the next call, as a browser or wrk does, not counted
-    as an error."""
-    from grpc_bench import _status_length
-
-    i = offset
-    conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
-    while time.monotonic() < w.end:
-        sent = time.monotonic()
-        try:
-            if conn is None:
-                conn = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), CALL_TIMEOUT)
-            reader, writer = conn
-            writer.write(requests[i % len(requests)])
-            i += 1
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), CALL_TIMEOUT)
-            status, length = _status_length(head)
-            if length < 0:
-                raise ValueError("no Content-Length")
-            await reader.readexactly(length)
-        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError,
-                ValueError) as exc:
-            w.done(sent, type(exc).__name__)
-            if conn is not None:
-                conn[1].close()
-            conn = None
-            await asyncio.sleep(0.01)  # not a busy loop while the server is away
-            continue
-        w.done(sent, None if status == 200 else f"HTTP {status}")
-        if not keeps_alive(head):
-            conn[1].close()
-            conn = None
-    if conn is not None:
-        conn[1].close()
 
 
 def client_main(argv: list[str]) -> int:
@@ -248,7 +206,7 @@ def client_main(argv: list[str]) -> int:
         await asyncio.sleep(max(0.0, cmd["t0"] - time.monotonic()))
         port = peer_ports[cmd["case"]] if cmd["transport"] == PEER else tfwsgi_port
         reqs = requests[cmd["case"]][cmd["transport"]]
-        await asyncio.gather(*(_http_loop(port, reqs, w, k) for k in range(cmd["inflight"])))
+        await asyncio.gather(*(_rest_loop(port, reqs, w, k) for k in range(cmd["inflight"])))
         return {"latencies": w.latencies, "errors": w.errors}
 
     async def serve() -> None:

@@ -397,18 +397,26 @@ def connection_owners(port: int, pids: set[int]) -> dict[int, int]:
 
 def measure(srv: Any, clients: Clients, ports: dict[str, int], transport: str, case: str, n: int,
             inflight: int, channels: int, warmup: float, duration: float) -> dict:
-    """One run: ``n`` client processes × ``inflight`` calls; the client's figures and, over the
-    counted window, the CPU of the server, the clients and the machine, and the connections' owners."""
-    workers = sorted(srv.worker_pids())
-    server = [srv.pid, *workers]
+    """One run: ``n`` client processes × ``inflight`` calls over ``channels`` connections each."""
+    return run_window(srv.pid, sorted(srv.worker_pids()), ports[transport], clients, n,
+                      {"transport": transport, "case": case, "inflight": inflight, "channels": channels},
+                      CASES[case][1][0], warmup, duration)
+
+
+def run_window(master: int, workers: list[int], port: int, clients: Clients, n: int, command: dict,
+               examples: int, warmup: float, duration: float) -> dict:
+    """One run of ``command`` on ``n`` client processes (each call ``examples`` examples), for any
+    server: the client's figures and, over the counted window, the CPU of the server (``master``
+    and its ``workers``), the clients and the machine, and the connections each worker holds on
+    ``port``."""
+    server = [master, *workers]
     t0 = time.monotonic() + 0.3
-    clients.send(n, {"transport": transport, "case": case, "inflight": inflight, "channels": channels,
-                     "t0": t0, "warmup": warmup, "duration": duration})
+    clients.send(n, {**command, "t0": t0, "warmup": warmup, "duration": duration})
     time.sleep(max(0.0, t0 + warmup - time.monotonic()))
     machine0 = machine_seconds(Path("/proc/stat").read_text())
     server0, client0 = read_cpu(server), read_cpu(clients.pids(n))
     time.sleep(duration / 2)
-    owners = connection_owners(ports[transport], set(workers))
+    owners = connection_owners(port, set(workers))
     time.sleep(max(0.0, t0 + warmup + duration - time.monotonic()))
     machine1 = machine_seconds(Path("/proc/stat").read_text())
     server1, client1 = read_cpu(server), read_cpu(clients.pids(n))
@@ -423,7 +431,7 @@ def measure(srv: Any, clients: Clients, ports: dict[str, int], transport: str, c
     client_s = sum(client1[p] - client0[p] for p in client1 if p in client0)
     busy_s = machine1[0] - machine0[0]
     p50, p99 = percentiles_ms(latencies)
-    return {"rps": calls / duration, "examples": calls * CASES[case][1][0] / duration,
+    return {"rps": calls / duration, "examples": calls * examples / duration,
             "p50_ms": p50, "p99_ms": p99, "errors": sum(errors.values()), "error_kinds": errors,
             "server_cores": server_s / duration, "client_cores": client_s / duration,
             "other_cores": max(0.0, busy_s - server_s - client_s) / duration,

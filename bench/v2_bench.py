@@ -51,11 +51,8 @@ from grpc_bench import (  # noqa: E402
     Clients,
     _rest_loop,
     _Window,
-    connection_owners,
     fmt_range,
-    machine_seconds,
-    percentiles_ms,
-    read_cpu,
+    run_window,
     summarise,
 )
 
@@ -239,42 +236,11 @@ class V2Clients(Clients):
 
 def measure(master: int, workers: list[int], port: int, clients: Clients, transport: str, case: str,
             n: int, inflight: int, warmup: float, duration: float) -> dict:
-    """One run (as grpc_bench.measure, for any server): ``n`` client processes × ``inflight`` calls,
-    the client's figures and, over the counted window, the CPU of the server (``master`` and its
-    ``workers``), the clients and the machine, and the connections each worker holds."""
-    server = [master, *workers]
-    t0 = time.monotonic() + 0.3
-    clients.send(n, {"transport": transport, "case": case, "inflight": inflight, "t0": t0,
-                     "warmup": warmup, "duration": duration})
-    time.sleep(max(0.0, t0 + warmup - time.monotonic()))
-    machine0 = machine_seconds(Path("/proc/stat").read_text())
-    server0, client0 = read_cpu(server), read_cpu(clients.pids(n))
-    time.sleep(duration / 2)
-    owners = connection_owners(port, set(workers))
-    time.sleep(max(0.0, t0 + warmup + duration - time.monotonic()))
-    machine1 = machine_seconds(Path("/proc/stat").read_text())
-    server1, client1 = read_cpu(server), read_cpu(clients.pids(n))
-    answers = clients.collect(n)
-    latencies = [x for a in answers for x in a["latencies"]]
-    errors: dict[str, int] = {}
-    for a in answers:
-        for k, v in a["errors"].items():
-            errors[k] = errors.get(k, 0) + v
-    calls = len(latencies)
-    server_s = sum(server1[p] - server0[p] for p in server1 if p in server0)
-    client_s = sum(client1[p] - client0[p] for p in client1 if p in client0)
-    busy_s = machine1[0] - machine0[0]
-    p50, p99 = percentiles_ms(latencies)
-    return {"rps": calls / duration, "examples": calls * CASES[case][1][0] / duration,
-            "p50_ms": p50, "p99_ms": p99, "errors": sum(errors.values()), "error_kinds": errors,
-            "server_cores": server_s / duration, "client_cores": client_s / duration,
-            "other_cores": max(0.0, busy_s - server_s - client_s) / duration,
-            "server_us": server_s / calls * 1e6 if calls else float("nan"),
-            "client_us": client_s / calls * 1e6 if calls else float("nan"),
-            "client_proc_max": max((client1[p] - client0[p] for p in client1 if p in client0),
-                                   default=0.0) / duration,
-            "worker_cores": [(server1[p] - server0[p]) / duration for p in workers if p in server0],
-            "connections": [owners[p] for p in workers]}
+    """One run (grpc_bench.run_window, for any server): ``n`` client processes × ``inflight``
+    calls."""
+    return run_window(master, workers, port, clients, n,
+                      {"transport": transport, "case": case, "inflight": inflight},
+                      CASES[case][1][0], warmup, duration)
 
 
 def check_agreement(tfwsgi_port: int, peer_ports: dict[str, int]) -> None:

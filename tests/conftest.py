@@ -87,6 +87,18 @@ class Server:
     def ready_pids(self) -> list[int]:
         return [int(p) for p in re.findall(r"tfwsgi: worker (\d+) ready", self.log())]
 
+    def rotate(self, timeout: float = 60.0) -> None:
+        """SIGHUP the master and wait until every worker is a new one that has loaded its models."""
+        before = self.worker_pids()
+        os.kill(self.pid, signal.SIGHUP)
+        deadline = time.monotonic() + timeout
+        while True:
+            pids = self.worker_pids()
+            if pids and not pids & before and len(set(self.ready_pids()) & pids) == self.workers:
+                return
+            assert time.monotonic() < deadline, self.log()[-3000:]
+            time.sleep(0.2)
+
     def wait_ready(self, timeout: float = 120.0, count: int | None = None) -> None:
         """Wait until ``count`` workers (default: all) have loaded their models."""
         want = self.workers if count is None else count

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import threading
 import time
 from collections import Counter
@@ -85,19 +84,6 @@ def until_every_worker(probe, expected: int, timeout: float = 30, in_a_row: int 
         time.sleep(0.05)
 
 
-def rotate(srv) -> None:
-    """SIGHUP the master and wait until every worker is a new one that has loaded its models."""
-    before = srv.worker_pids()
-    os.kill(srv.pid, signal.SIGHUP)
-    deadline = time.monotonic() + 60
-    while True:
-        pids = srv.worker_pids()
-        if pids and not pids & before and len(set(srv.ready_pids()) & pids) == srv.workers:
-            return
-        assert time.monotonic() < deadline, srv.log()[-3000:]
-        time.sleep(0.2)
-
-
 @pytest.fixture
 def hp_base(tmp_path: Path, model_root: Path) -> Path:
     base = tmp_path / "hp"
@@ -153,7 +139,7 @@ def test_corrupt_versions_are_reported_and_never_served(start_server, model_root
         os.rename(tmp, hp_base / "3")
         time.sleep(4)
         # Fresh workers (a reload, a respawn) see only broken aspired versions: they fall back.
-        rotate(srv)
+        srv.rotate()
         time.sleep(1)
     assert load.failures() == Counter()
     assert {a for _, _, a in load.results} == {ANSWER[1]}
@@ -204,7 +190,7 @@ def test_sighup_reloads_without_failed_requests(start_server, model_root, hp_bas
     before = srv.worker_pids()
     with Load(srv.url + "/v1/models/hp:predict") as load:
         time.sleep(1)
-        rotate(srv)
+        srv.rotate()
         time.sleep(1)
     assert not srv.worker_pids() & before, "workers were not replaced"
     assert load.failures() == Counter(), load.failures()
@@ -302,14 +288,14 @@ def test_sighup_rereads_the_env_file(start_server, model_root, tmp_path):
                       "model_version_policy { specific { versions: 2 } } } }")
     env_file.write_text(f"TFWSGI_MODEL_CONFIG_FILE={config}\n")
     with Load(srv.url + "/v1/models/renamed:predict", clients=2) as load:
-        rotate(srv)
+        srv.rotate()
         until_every_worker(lambda: srv.post("/v1/models/renamed:predict", json={"instances": [1.0]})
                            .json().get("predictions"), [ANSWER[2]])
     assert srv.post("/v1/models/hp:predict", json={"instances": [1.0]}).status_code == 404
     assert {a for _, code, a in load.results if code == 200} <= {ANSWER[2]}
     # A broken file is refused: the server keeps its settings and keeps answering.
     env_file.write_text("TFWSGI_REST_API_PORT=not-a-port\n")
-    rotate(srv)
+    srv.rotate()
     assert "settings not reloaded, the previous ones stay" in srv.log()
     r = srv.post("/v1/models/renamed:predict", json={"instances": [1.0]})
     assert r.json() == {"predictions": [ANSWER[2]]}

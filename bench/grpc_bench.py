@@ -50,6 +50,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -494,34 +495,76 @@ def plot(cases: list[str], results: dict[str, dict[str, dict]], path: Path, smok
     fig.savefig(path, dpi=100)
 
 
-def main() -> int:
-    if len(sys.argv) > 1 and sys.argv[1] == "_client":
-        return client_main(sys.argv[2:])
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", default=",".join(CASES))
+def add_common_arguments(parser: argparse.ArgumentParser, cases: Mapping[str, Any], output: str,
+                         tfwsgi_env: str, inflight_help: str) -> None:
+    """The options both harnesses (this one and v2_bench) take."""
+    parser.add_argument("--cases", default=",".join(cases))
     parser.add_argument("--processes", type=int, default=2, help="client processes")
-    parser.add_argument("--inflight", type=int, default=16, help="calls in flight per client process")
-    parser.add_argument("--channels", type=int, default=8,
-                        help="gRPC channels (connections) per process; SO_REUSEPORT hashes each to a worker, "
-                        "and few connections can leave one worker with most of them")
+    parser.add_argument("--inflight", type=int, default=16, help=inflight_help)
     parser.add_argument("--duration", type=float, default=10, help="seconds of each counted run")
     parser.add_argument("--warmup", type=float, default=2, help="seconds of load before each, not counted")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--tfwsgi-env", default="TFWSGI_ENABLE_BATCHING=true",
+    parser.add_argument("--tfwsgi-env", default=tfwsgi_env,
                         help="TFWSGI_*=value settings for tfwsgi, space-separated")
     parser.add_argument("--no-scaling", action="store_true", help="skip the client-scaling check")
     parser.add_argument("--smoke", action="store_true",
                         help="label the docs a smoke run (short runs to prove the harness)")
-    parser.add_argument("--output", default=str(ROOT / "docs" / "grpc-benchmark.md"),
+    parser.add_argument("--output", default=str(ROOT / "docs" / output),
                         help="the markdown file (the plot is written beside it, .png)")
+
+
+def reference_config(work: Path) -> Path:
+    """The MLP and the conv net (bench/reference_models.py) under ``work``, in one model config."""
+    from reference_models import build_conv, build_mlp
+
+    build_mlp(work / "mlp" / "1")
+    build_conv(work / "conv" / "1")
+    config = work / "models.config"
+    config.write_text("model_config_list {\n"
+                      + "".join(f'  config {{ name: "{m}" base_path: "{work / m}" '
+                                'model_platform: "tensorflow" }\n' for m in ("mlp", "conv"))
+                      + "}\n")
+    return config
+
+
+def report_run(rnd: int, case: str, transport: str, r: dict, spread: list[str]) -> None:
+    """Print one run's line, and keep its connections' spread for the notes."""
+    spread.append(f"{case} {transport}: connections per worker {r['connections']}, worker CPU "
+                  + "/".join(f"{c:.2f}" for c in r["worker_cores"]))
+    print(f"round {rnd + 1} {case:7s} {transport:10s} {r['rps']:7.0f} req/s "
+          f"{r['examples']:8.0f} ex/s p50 {r['p50_ms']:6.1f} p99 {r['p99_ms']:6.1f} ms "
+          f"errors {r['error_kinds'] or 0} server {r['server_cores']:.2f} client "
+          f"{r['client_cores']:.2f} other {r['other_cores']:.2f} cores; "
+          f"{spread[-1].split(': ', 1)[1]}", flush=True)
+
+
+def publish(script: str, text: Callable[[str], str], output: str,
+            plot_to: Callable[[Path], None]) -> None:
+    """Write the report (``text(command)``, the command as run) and its plot beside it."""
+    command = f".venv/bin/python bench/{script} " + " ".join(
+        a if " " not in a else f"'{a}'" for a in sys.argv[1:])
+    report = text(command.strip())
+    print(report)
+    out = Path(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(report)
+    plot_to(out.with_suffix(".png"))
+
+
+def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "_client":
+        return client_main(sys.argv[2:])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_arguments(parser, CASES, "grpc-benchmark.md", "TFWSGI_ENABLE_BATCHING=true",
+                         "calls in flight per client process")
+    parser.add_argument("--channels", type=int, default=8,
+                        help="gRPC channels (connections) per process; SO_REUSEPORT hashes each to a worker, "
+                        "and few connections can leave one worker with most of them")
     args = parser.parse_args()
     cases = [c for c in args.cases.split(",") if c]
     assert set(cases) <= set(CASES), cases
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     sys.path.insert(0, str(ROOT / "tests"))
-    sys.path.insert(0, str(ROOT / "bench"))
-    from reference_models import build_conv, build_mlp
-
     from conftest import Server, free_port
 
     started = time.monotonic()
@@ -531,13 +574,7 @@ def main() -> int:
     spread: list[str] = []
     with tempfile.TemporaryDirectory(prefix="tfwsgi-grpc-bench-") as tmp:
         work = Path(tmp)
-        build_mlp(work / "mlp" / "1")
-        build_conv(work / "conv" / "1")
-        config = work / "models.config"
-        config.write_text("model_config_list {\n"
-                          + "".join(f'  config {{ name: "{m}" base_path: "{work / m}" '
-                                    'model_platform: "tensorflow" }\n' for m in ("mlp", "conv"))
-                          + "}\n")
+        config = reference_config(work)
         grpc_port = free_port()
         env = {"TFWSGI_MODEL_CONFIG_FILE": str(config), "TFWSGI_PORT": str(grpc_port),
                "TFWSGI_CACHE_ENABLED": "false", **dict(kv.split("=", 1) for kv in args.tfwsgi_env.split())}
@@ -556,13 +593,7 @@ def main() -> int:
                         r = measure(srv, clients, ports, t, case, p, m, args.channels, args.warmup,
                                     args.duration)
                         runs[case][t].append(r)
-                        spread.append(f"{case} {t}: connections per worker {r['connections']}, worker CPU "
-                                      + "/".join(f"{c:.2f}" for c in r["worker_cores"]))
-                        print(f"round {rnd + 1} {case:6s} {t:4s} {r['rps']:7.0f} req/s "
-                              f"{r['examples']:8.0f} ex/s p50 {r['p50_ms']:6.1f} p99 {r['p99_ms']:6.1f} ms "
-                              f"errors {r['error_kinds'] or 0} server {r['server_cores']:.2f} client "
-                              f"{r['client_cores']:.2f} other {r['other_cores']:.2f} cores; "
-                              f"{spread[-1].split(': ', 1)[1]}", flush=True)
+                        report_run(rnd, case, t, r, spread)
                         if scaling and case == SCALING_CASE:
                             scale_runs[t]["base"].append(r)
                             r2 = measure(srv, clients, ports, t, case, 2 * p, max(1, m // 2),
@@ -592,14 +623,9 @@ def main() -> int:
         + ("; …" if len(spread) > 2 * len(cases) else "") + ".",
         f"The whole run took {(time.monotonic() - started) / 60:.1f} min.",
     ]
-    command = ".venv/bin/python bench/grpc_bench.py " + " ".join(
-        a if " " not in a else f"'{a}'" for a in sys.argv[1:])
-    text = render(cases, results, scaled, {**vars(args), "command": command.strip()}, notes)
-    print(text)
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    plot(cases, results, out.with_suffix(".png"), args.smoke)
+    publish("grpc_bench.py",
+            lambda command: render(cases, results, scaled, {**vars(args), "command": command}, notes),
+            args.output, lambda png: plot(cases, results, png, args.smoke))
     return 0
 
 

@@ -51,7 +51,11 @@ from grpc_bench import (  # noqa: E402
     Clients,
     _rest_loop,
     _Window,
+    add_common_arguments,
     fmt_range,
+    publish,
+    reference_config,
+    report_run,
     run_window,
     summarise,
 )
@@ -297,25 +301,13 @@ def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "_client":
         return client_main(sys.argv[2:])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", default=",".join(CASES))
-    parser.add_argument("--processes", type=int, default=2, help="client processes")
-    parser.add_argument("--inflight", type=int, default=16, help="connections (calls in flight) per process")
-    parser.add_argument("--duration", type=float, default=10, help="seconds of each counted run")
-    parser.add_argument("--warmup", type=float, default=2, help="seconds of load before each, not counted")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--tfwsgi-env", default="",
-                        help="TFWSGI_*=value settings for tfwsgi, space-separated")
-    parser.add_argument("--no-scaling", action="store_true", help="skip the client-scaling check")
-    parser.add_argument("--smoke", action="store_true",
-                        help="label the docs a smoke run (short runs to prove the harness)")
-    parser.add_argument("--output", default=str(ROOT / "docs" / "v2-benchmark.md"),
-                        help="the markdown file (the plot is written beside it, .png)")
+    add_common_arguments(parser, CASES, "v2-benchmark.md", "",
+                         "connections (calls in flight) per process")
     args = parser.parse_args()
     cases = [c for c in args.cases.split(",") if c]
     assert cases and set(cases) <= set(CASES), cases
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     sys.path.insert(0, str(ROOT / "tests"))
-    from reference_models import build_conv, build_mlp
     from throughput_bench import Peer
 
     from conftest import Server
@@ -326,13 +318,7 @@ def main() -> int:
     spread: list[str] = []
     with tempfile.TemporaryDirectory(prefix="tfwsgi-v2-bench-") as tmp:
         work = Path(tmp)
-        build_mlp(work / "mlp" / "1")
-        build_conv(work / "conv" / "1")
-        config = work / "models.config"
-        config.write_text("model_config_list {\n"
-                          + "".join(f'  config {{ name: "{m}" base_path: "{work / m}" '
-                                    'model_platform: "tensorflow" }\n' for m in ("mlp", "conv"))
-                          + "}\n")
+        config = reference_config(work)
         env = {"TFWSGI_MODEL_CONFIG_FILE": str(config), "TFWSGI_CACHE_ENABLED": "false",
                **dict(kv.split("=", 1) for kv in args.tfwsgi_env.split())}
         srv = Server(env, workers=2, log_path=work / "tfwsgi.log")
@@ -361,13 +347,7 @@ def main() -> int:
                             master, workers, port = srv.pid, sorted(srv.worker_pids()), srv.port
                         r = measure(master, workers, port, clients, t, case, p, m, args.warmup, args.duration)
                         runs[case][t].append(r)
-                        spread.append(f"{case} {t}: connections per worker {r['connections']}, worker CPU "
-                                      + "/".join(f"{c:.2f}" for c in r["worker_cores"]))
-                        print(f"round {rnd + 1} {case:7s} {t:10s} {r['rps']:6.0f} req/s "
-                              f"{r['examples']:7.0f} ex/s p50 {r['p50_ms']:6.1f} p99 {r['p99_ms']:6.1f} ms "
-                              f"errors {r['error_kinds'] or 0} server {r['server_cores']:.2f} client "
-                              f"{r['client_cores']:.2f} other {r['other_cores']:.2f} cores; "
-                              f"{spread[-1].split(': ', 1)[1]}", flush=True)
+                        report_run(rnd, case, t, r, spread)
                         if scaling and case == cases[0] and t == SCALING:
                             scale_runs["base"].append(r)
                             r2 = measure(master, workers, port, clients, t, case, 2 * p, max(1, m // 2),
@@ -396,14 +376,9 @@ def main() -> int:
         + ("; …" if len(spread) > len(TRANSPORTS) * len(cases) else "") + ".",
         f"The whole run took {(time.monotonic() - started) / 60:.1f} min.",
     ]
-    command = ".venv/bin/python bench/v2_bench.py " + " ".join(
-        a if " " not in a else f"'{a}'" for a in sys.argv[1:])
-    text = render(cases, results, scaled, {**vars(args), "command": command.strip()}, notes)
-    print(text)
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    plot(cases, results, out.with_suffix(".png"), args.smoke)
+    publish("v2_bench.py",
+            lambda command: render(cases, results, scaled, {**vars(args), "command": command}, notes),
+            args.output, lambda png: plot(cases, results, png, args.smoke))
     return 0
 
 

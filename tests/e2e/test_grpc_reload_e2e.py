@@ -64,21 +64,30 @@ class Reloadable:
                 request, timeout=timeout)
 
     def on_every_connection(self, name: str, count: int = 24) -> list[str]:
-        """Predict on ``name`` over ``count`` fresh connections (SO_REUSEPORT spreads them over
-        the workers); each answer's status, and the connections each worker held."""
-        channels = [grpc.insecure_channel(f"127.0.0.1:{self.port}", options=OWN_CONNECTION)
-                    for _ in range(count)]
+        """Predict on ``name`` over at least ``count`` fresh connections (SO_REUSEPORT spreads them
+        over the workers by a hash of the client's port), opening more, up to 64, until both workers
+        hold one: with 4 connections all land on one worker one time in eight. Each answer's status."""
+        channels: list[grpc.Channel] = []
         results = []
+        pids = self.server.worker_pids()
+        before = _connection_owners(self.port, pids)  # the load's connections, if any
         try:
-            for channel in channels:
+            while True:
+                channel = grpc.insecure_channel(f"127.0.0.1:{self.port}", options=OWN_CONNECTION)
+                channels.append(channel)
                 stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
                 try:
                     response = stub.Predict(_request(name), timeout=30)
                     results.append(f"OK {response.model_spec.name}")
                 except grpc.RpcError as exc:
                     results.append(f"{exc.code().name}: {exc.details()}")
-            owners = _connection_owners(self.port, self.server.worker_pids())
-            assert len(owners) == 2 and all(owners.values()), owners  # both workers answered
+                if len(channels) < count:
+                    continue
+                now = _connection_owners(self.port, pids)
+                owners = {pid: now[pid] - before[pid] for pid in pids}
+                if len(owners) == 2 and all(n > 0 for n in owners.values()):
+                    break  # both workers answered one of these connections
+                assert len(channels) < 64, owners
         finally:
             for channel in channels:
                 channel.close()

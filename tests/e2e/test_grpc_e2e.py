@@ -253,6 +253,36 @@ def _connection_owners(port: int, pids: set[int]) -> dict[int, int]:
     return owners
 
 
+def _client_ports(port: int) -> set[int]:
+    """The local ports of the established client connections to local ``port``."""
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if int(fields[2].rsplit(":", 1)[1], 16) == port and fields[3] == "01":
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def _owner_of_client(port: int, client_port: int, pids: set[int]) -> int | None:
+    """Which of ``pids`` holds the server end of the connection from ``client_port``."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if (int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "01"
+                    and int(fields[2].rsplit(":", 1)[1], 16) == client_port):
+                inodes.add(fields[9])
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                if fd.readlink().as_posix()[8:-1] in inodes:
+                    return pid
+            except OSError:
+                continue
+    return None
+
+
 def test_calls_reach_both_workers_and_are_counted_as_grpc(rpc: Grpc) -> None:
     workers = rpc.server.worker_pids()
     serving = {int(p) for p in re.findall(r"tfwsgi: worker (\d+) serves gRPC on port", rpc.server.log())}
@@ -393,8 +423,12 @@ class Load:
         self.calls: list[list[tuple[float, str]]] = [[] for _ in range(clients)]  # (time, "OK" or error)
         self._done = threading.Event()
         self._threads = [threading.Thread(target=self._run, args=(i,)) for i in range(clients)]
+        self.client_ports: list[int | None] = []  # each channel's connection, by its local port
         for i, channel in enumerate(self.channels):  # connected, before the threads start
+            before = _client_ports(port)
             self._call(i, prediction_service_pb2_grpc.PredictionServiceStub(channel))
+            new = _client_ports(port) - before
+            self.client_ports.append(new.pop() if len(new) == 1 else None)
         for t in self._threads:
             t.start()
 
@@ -428,9 +462,12 @@ class Load:
 def test_a_killed_worker_fails_only_its_calls_in_flight_and_clients_reconnect(
         model_config: Path, start_server) -> None:
     """SIGKILL to one worker under gRPC load (12 clients, each with its own connection, on both
-    workers). What may fail, as with TF Serving: the call each of the killed worker's connections
-    had in flight (at most one a client, UNAVAILABLE). Nothing on the other worker fails, and every
-    client's later calls are answered (its channel reconnects, to the surviving worker)."""
+    workers). No call of a client on the other worker fails. A client of the killed worker may
+    see UNAVAILABLE on the call it had in flight, and on a call made while the dying process
+    still holds its listening socket (the kernel tears a large process's memory down before it
+    closes its files; a reconnect that lands in that socket's backlog is reset, as seen once in
+    a full run): only right after the kill, and its later calls are answered (its channel
+    reconnects, to the live workers)."""
     port = free_port()
     # Connections never age out here, so the ones counted on each worker stay there until the kill.
     srv = start_server({"TFWSGI_MODEL_CONFIG_FILE": str(model_config), "TFWSGI_PORT": str(port),
@@ -442,6 +479,8 @@ def test_a_killed_worker_fails_only_its_calls_in_flight_and_clients_reconnect(
         owners = _connection_owners(port, workers)
         assert sum(owners.values()) == 12 and all(owners.values()), owners  # both workers hold some
         killed = min(workers)
+        on_killed = [_owner_of_client(port, p, workers) == killed if p else None for p in load.client_ports]
+        assert None not in on_killed and sum(on_killed) == owners[killed], (load.client_ports, owners)
         time.sleep(1.0)
         os.kill(killed, signal.SIGKILL)
         killed_at = time.monotonic()
@@ -449,12 +488,13 @@ def test_a_killed_worker_fails_only_its_calls_in_flight_and_clients_reconnect(
     finally:
         load.stop()
     failures = load.failures()
-    assert len(failures) <= owners[killed], (owners, failures)
     assert all(f.startswith("UNAVAILABLE") for f in failures), failures
-    for calls in load.calls:
+    for calls, was_on_killed in zip(load.calls, on_killed, strict=True):
         bad = [t for t, outcome in calls if outcome != "OK"]
-        assert len(bad) <= 1, calls[-5:]
-        assert all(t >= killed_at for t in bad)  # nothing failed before the kill
+        if not was_on_killed:
+            assert not bad, calls[-5:]  # nothing on the other worker fails
+            continue
+        assert all(killed_at <= t < killed_at + 2.0 for t in bad), (killed_at, calls[-5:])
         assert any(outcome == "OK" and t > max(bad, default=killed_at) for t, outcome in calls)
 
 

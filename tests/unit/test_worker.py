@@ -11,6 +11,7 @@ from tfwsgi.worker import (
     NEED_MORE,
     Channel,
     Conn,
+    SettledConfig,
     error_response,
     request_extent,
     waiting_bound,
@@ -110,3 +111,27 @@ def test_a_corked_channel_sends_a_response_head_with_its_body() -> None:
     channel.sendall(b"HTTP/1.1 204 No Content\r\n\r\n")
     channel.uncork()
     assert sock.sends[-1] == b"HTTP/1.1 204 No Content\r\n\r\n"
+
+
+def test_the_settled_config_reads_as_gunicorns_config():
+    """Every setting reads the same through it, class properties and methods too, as the
+    request path (gunicorn's parser, wsgi.create, pre/post_request) would read the real one."""
+    import pytest
+    from gunicorn.config import Config
+
+    cfg = Config()
+    cfg.set("keepalive", 7)
+    cfg.set("forwarded_allow_ips", "10.0.0.1,192.168.0.0/16")
+    cfg.set("limit_request_fields", 50)
+    settled = SettledConfig(cfg)
+    for name in cfg.settings:
+        assert getattr(settled, name) == getattr(cfg, name), name
+    assert settled.keepalive == 7 and settled.limit_request_fields == 50
+    assert settled.forwarded_allow_networks() == cfg.forwarded_allow_networks()
+    assert settled.is_ssl == cfg.is_ssl and settled.sendfile == cfg.sendfile
+    assert settled.worker_class is cfg.worker_class  # a property over the setting: the real one's
+    assert settled.pre_request is cfg.pre_request
+    with pytest.raises(AttributeError):
+        _ = settled.no_such_setting
+    with pytest.raises(AttributeError):
+        settled.keepalive = 1

@@ -232,55 +232,47 @@ def test_status_has_tf_servings_states_and_codes(rpc: Grpc) -> None:
     assert exc.details() == "Could not find any versions of model nope"
 
 
-def _connection_owners(port: int, pids: set[int]) -> dict[int, int]:
-    """How many established TCP connections on local ``port`` each of ``pids`` holds (from
-    /proc/net/tcp{,6} and each process's socket descriptors)."""
-    inodes: set[str] = set()
+def _established(port: int) -> list[tuple[int, int, str]]:
+    """The established TCP connections touching local ``port``, from /proc/net/tcp{,6}: each
+    end's (local port, remote port, socket inode)."""
+    ends = []
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         for line in Path(table).read_text().splitlines()[1:]:
             fields = line.split()
-            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "01":  # ESTABLISHED
-                inodes.add(fields[9])
-    owners = {}
-    for pid in pids:
-        links = []
-        for fd in Path(f"/proc/{pid}/fd").iterdir():
-            try:
-                links.append(fd.readlink().as_posix())
-            except OSError:
-                continue
-        owners[pid] = sum(1 for link in links if link.startswith("socket:[") and link[8:-1] in inodes)
-    return owners
+            local, remote = (int(f.rsplit(":", 1)[1], 16) for f in fields[1:3])
+            if fields[3] == "01" and port in (local, remote):  # ESTABLISHED
+                ends.append((local, remote, fields[9]))
+    return ends
+
+
+def _socket_inodes(pid: int) -> set[str]:
+    """The inodes of the sockets ``pid`` holds."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            link = fd.readlink().as_posix()
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[8:-1])
+    return inodes
+
+
+def _connection_owners(port: int, pids: set[int]) -> dict[int, int]:
+    """How many established TCP connections on local ``port`` each of ``pids`` holds."""
+    server_ends = {inode for local, _, inode in _established(port) if local == port}
+    return {pid: len(_socket_inodes(pid) & server_ends) for pid in pids}
 
 
 def _client_ports(port: int) -> set[int]:
     """The local ports of the established client connections to local ``port``."""
-    ports = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            if int(fields[2].rsplit(":", 1)[1], 16) == port and fields[3] == "01":
-                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
-    return ports
+    return {local for local, remote, _ in _established(port) if remote == port}
 
 
 def _owner_of_client(port: int, client_port: int, pids: set[int]) -> int | None:
     """Which of ``pids`` holds the server end of the connection from ``client_port``."""
-    inodes = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            if (int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "01"
-                    and int(fields[2].rsplit(":", 1)[1], 16) == client_port):
-                inodes.add(fields[9])
-    for pid in pids:
-        for fd in Path(f"/proc/{pid}/fd").iterdir():
-            try:
-                if fd.readlink().as_posix()[8:-1] in inodes:
-                    return pid
-            except OSError:
-                continue
-    return None
+    ends = {inode for local, remote, inode in _established(port) if local == port and remote == client_port}
+    return next((pid for pid in pids if _socket_inodes(pid) & ends), None)
 
 
 def test_calls_reach_both_workers_and_are_counted_as_grpc(rpc: Grpc) -> None:

@@ -61,7 +61,7 @@ from datetime import datetime
 from typing import Any
 
 from gunicorn import http, util
-from gunicorn.http import wsgi
+from gunicorn.http import message, wsgi
 from gunicorn.workers import base
 
 # One signed 64-bit counter per worker slot (worker age modulo _SLOTS): its open connections,
@@ -236,6 +236,7 @@ class Conn:
     __slots__ = (
         "addr",
         "buf",
+        "cfg",
         "closed",
         "continued",
         "fd",
@@ -247,8 +248,9 @@ class Conn:
         "sock",
     )
 
-    def __init__(self, sock: socket.socket, addr: Any, server: Any) -> None:
+    def __init__(self, sock: socket.socket, addr: Any, server: Any, cfg: Any = None) -> None:
         self.sock = sock
+        self.cfg = cfg  # what its requests' parser reads (SettledConfig.for_peer)
         self.fd = sock.fileno()
         self.addr = addr
         self.server = server
@@ -365,20 +367,79 @@ class SettledConfig:
     the worker starts serving, then a plain attribute. ``Config.__getattr__`` looks a setting up
     and calls its ``get`` on every read, and parsing and answering one request read some twenty
     (13 µs of a request's ~75 µs in the worker, measured in process). Settings do not change in
-    a running worker (a reload forks new ones); the class's own properties and methods
-    (``forwarded_allow_networks``, ``is_ssl`` …) and anything else are the real config's."""
+    a running worker (a reload forks new ones); ``is_ssl`` is settled too, and the class's other
+    properties and methods (``forwarded_allow_networks`` …) and anything else are the real
+    config's."""
 
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, cfg: Any, **overrides: Any) -> None:
         self.__dict__["_cfg"] = cfg
         for name, setting in cfg.settings.items():
             if not hasattr(type(cfg), name):
                 self.__dict__[name] = setting.get()
+        self.__dict__["is_ssl"] = cfg.is_ssl
+        self.__dict__.update(overrides)
+        self.__dict__["_peer_views"] = None
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._cfg, name)
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError("the settled config is read-only")
+
+    def for_peer(self, peer: Any) -> SettledConfig:
+        """The config that the parser of a connection from ``peer`` reads. For every request,
+        gunicorn's parser asks whether the peer may set the forwarding and scheme headers
+        (``forwarded_allow_ips``), parsing the peer's address each time (~8 µs a request here).
+        A connection's peer does not change, so here it is asked once, with gunicorn's own test
+        (``gunicorn.http.message.HeaderPolicy._peer_is_trusted_proxy``), and the parser gets a
+        view whose ``forwarded_allow_ips`` is ``*`` and whose ``secure_scheme_headers`` and
+        ``forwarder_headers`` are what that peer may set: the real ones, or none, as gunicorn
+        decides for an untrusted peer (``_peer_trusted_for_forwarded``)."""
+        views = self._peer_views
+        if views is None:
+            trusted = SettledConfig(self._cfg, forwarded_allow_ips=["*"])
+            untrusted = SettledConfig(self._cfg, forwarded_allow_ips=["*"], secure_scheme_headers={},
+                                      forwarder_headers=[])
+            views = self.__dict__["_peer_views"] = (trusted, untrusted)
+        trusted_peer = not isinstance(peer, tuple) or message._ip_in_allow_list(
+            peer[0], self.forwarded_allow_ips, self._cfg.forwarded_allow_networks())
+        return views[0] if trusted_peer else views[1]
+
+
+_date: tuple[int, str] = (0, "")
+
+
+def http_date() -> str:
+    """The Date header's value, formatted once a second (gunicorn's ``util.http_date`` formats it
+    with ``email.utils`` for every response: ~12 µs a request here)."""
+    global _date
+    now = int(time.time())
+    if _date[0] != now:
+        _date = (now, util.http_date(now))
+    return _date[1]
+
+
+class Response(wsgi.Response):
+    """gunicorn's HTTP/1 response writer, its Date header from ``http_date``."""
+
+    def default_headers(self) -> list[str]:
+        # Adapted from gunicorn 27.0 (27.0.1) http/wsgi.py Response.default_headers: the same
+        # lines, the date formatted once a second.
+        if self.upgrade:
+            connection = "upgrade"
+        elif self.should_close():
+            connection = "close"
+        else:
+            connection = "keep-alive"
+        headers = [
+            f"HTTP/{self.req.version[0]}.{self.req.version[1]} {self.status}\r\n",
+            f"Server: {self.version}\r\n",
+            f"Date: {http_date()}\r\n",
+            f"Connection: {connection}\r\n",
+        ]
+        if self.chunked:
+            headers.append("Transfer-Encoding: chunked\r\n")
+        return headers
 
 
 def _wait(sock: socket.socket, event: int, timeout: float) -> bool:
@@ -548,7 +609,7 @@ class EventWorker(base.Worker):
                 raise
             sock.setblocking(False)
             util.close_on_exec(sock)
-            conn = Conn(sock, addr, self.listener_names[listener.fileno()])
+            conn = Conn(sock, addr, self.listener_names[listener.fileno()], self.settled.for_peer(addr))
             self.conns[conn.fd] = conn
             self.balance.add(1)
             self.idle.append((now + self.cfg.keepalive, conn, conn.gen))
@@ -845,7 +906,7 @@ class EventWorker(base.Worker):
         ``ThreadWorker.handle`` (no TLS here, so no ``ssl.SSLError`` branch; a response the loop
         already answered at its deadline is not answered again by ``handle_error``)."""
         channel = Channel(conn, job.deadline)
-        parser = http.get_parser(self.settled, channel, conn.addr)
+        parser = http.get_parser(conn.cfg or self.settled, channel, conn.addr)
         parser.req_count = conn.served
         req = None
         try:
@@ -891,7 +952,7 @@ class EventWorker(base.Worker):
             cfg = self.settled
             cfg.pre_request(self, req)
             request_start = datetime.now()
-            resp, environ = wsgi.create(req, channel, conn.addr, conn.server, cfg)
+            resp, environ = wsgi.create(req, channel, conn.addr, conn.server, cfg, Response)
             environ["wsgi.multithread"] = True
             environ["tfwsgi.deadline"] = job.deadline
             self.nr += 1

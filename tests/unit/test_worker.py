@@ -135,3 +135,80 @@ def test_the_settled_config_reads_as_gunicorns_config():
         _ = settled.no_such_setting
     with pytest.raises(AttributeError):
         settled.keepalive = 1
+
+
+def _parsed(cfg: Any, peer: Any, head: bytes) -> Any:
+    """gunicorn's parser (its C parser, as the worker runs it) on one request from ``peer``."""
+    import io
+
+    from gunicorn import http
+
+    class Sock(io.BytesIO):
+        def recv(self, n: int) -> bytes:
+            return self.read(n)
+
+    return next(http.get_parser(cfg, Sock(head), peer))
+
+
+def test_a_connection_config_decides_forwarding_trust_as_gunicorn_does_per_request():
+    """The parser of a connection reads SettledConfig.for_peer: whether its peer may set the
+    scheme and forwarding headers is decided once, with gunicorn's own test, and the parser
+    then reads the same scheme and headers as from the real config, trusted peer or not."""
+    from gunicorn.config import Config
+
+    cfg = Config()
+    cfg.set("forwarded_allow_ips", "10.0.0.1,192.168.0.0/16")
+    cfg.set("forwarder_headers", "SCRIPT_NAME,PATH_INFO")
+    settled = SettledConfig(cfg)
+    head = (b"GET /x HTTP/1.1\r\nHost: h\r\nX-Forwarded-Proto: https\r\nScript-Name: /app\r\n"
+            b"\r\n")
+    views = set()
+    for peer, trusted in [(("10.0.0.1", 5), True), (("192.168.3.4", 5), True), (("127.0.0.1", 5), False),
+                          (("10.0.0.2", 5), False), (("::1", 5, 0, 0), False), ("/run/sock", True)]:
+        view = settled.for_peer(peer)
+        views.add(id(view))
+        real, fast = _parsed(cfg, peer, head), _parsed(view, peer, head)
+        assert (real.scheme, real.headers) == (fast.scheme, fast.headers), peer
+        assert real.scheme == ("https" if trusted else "http"), peer
+        assert view.keepalive == cfg.keepalive and view.forwarded_allow_ips == ["*"]
+    assert len(views) == 2  # one view for trusted peers, one for the others, made once
+
+
+def test_the_date_header_is_gunicorns_formatted_once_a_second():
+    import time
+
+    from gunicorn import util
+
+    from tfwsgi import worker
+
+    for _ in range(3):
+        before = util.http_date()
+        ours = worker.http_date()
+        after = util.http_date()
+        if before == after:  # not across a second's edge
+            assert ours == before
+            break
+        time.sleep(0.01)
+    else:
+        raise AssertionError("no call within one second")
+    assert worker.http_date() is worker.http_date()  # formatted once, not per call, in a second
+
+
+def test_the_response_head_is_gunicorns_but_for_the_date_source():
+    from gunicorn.config import Config
+    from gunicorn.http import wsgi
+
+    from tfwsgi import worker
+
+    cfg = Config()
+    for keep in (True, False):
+        req = _parsed(cfg, ("127.0.0.1", 5), b"GET /x HTTP/1.1\r\nHost: h\r\n"
+                      + (b"" if keep else b"Connection: close\r\n") + b"\r\n")
+        for chunked in (False, True):
+            ours, theirs = worker.Response(req, None, cfg), wsgi.Response(req, None, cfg)
+            for resp in (ours, theirs):
+                resp.start_response("200 OK", [("Content-Type", "text/plain")]
+                                    + ([] if chunked else [("Content-Length", "2")]))
+            a, b = ours.default_headers(), theirs.default_headers()
+            assert [h for h in a if not h.startswith("Date:")] == [h for h in b if not h.startswith("Date:")]
+            assert len(a) == len(b) and a[2].startswith("Date: ")

@@ -13,7 +13,8 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
-from flask import Blueprint, Flask, Response, current_app, request
+import flask
+from flask import Blueprint, Flask, current_app, request
 from werkzeug.routing import BaseConverter, Map, MapAdapter, Rule, RuleFactory
 
 from . import codec, metrics
@@ -49,6 +50,33 @@ class TooLarge(ResourceExhausted):
     @property
     def status(self) -> int:
         return 413
+
+
+class Request(flask.Request):
+    """Flask's request, which finds its blueprints once per matched rule: Flask asks for them
+    three times a request (before, after and teardown functions), each time from the endpoint."""
+
+    @property
+    def blueprints(self) -> list[str]:
+        rule = self.url_rule
+        found = self.__dict__.get("_tfwsgi_blueprints")
+        if found is None or found[0] is not rule:
+            found = self.__dict__["_tfwsgi_blueprints"] = (rule, super().blueprints)
+        return found[1]
+
+
+class Response(flask.Response):
+    """Flask's response. A body held as a list of bytes with nothing to call on close goes to the
+    server as that list: what werkzeug's ``ClosingIterator`` over ``iter_encoded`` would yield,
+    without building either (``get_app_iter``)."""
+
+    def get_app_iter(self, environ: Mapping[str, Any]) -> Any:
+        body = self.response
+        if (type(body) is list and not getattr(self, "_on_close", True) and not self.direct_passthrough
+                and environ["REQUEST_METHOD"] != "HEAD" and self.status_code >= 200
+                and self.status_code not in (204, 304) and all(type(x) is bytes for x in body)):
+            return body
+        return super().get_app_iter(environ)  # type: ignore[arg-type]
 
 
 class _V1(BaseConverter):

@@ -11,14 +11,17 @@ import importlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
+from types import FunctionType
 from typing import Any
 
-from flask import Flask, Response, request
+from flask import Flask, request
 from flask.sessions import NullSession, SessionInterface, SessionMixin
 
 from . import api, codec, metrics, v2
+from .api import Response
 from .batching import Batcher, BatchingParameters, parse_batching_parameters
 from .cache import PredictionCache
 from .dataplane import DataPlane
@@ -51,6 +54,12 @@ class _App(Flask):
 
     url_map_class = api.V1Map
     url_map: api.V1Map
+    request_class = api.Request
+    response_class = api.Response
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._sync: dict[Callable[..., Any], Callable[..., Any]] = {}  # see ensure_sync
 
     def create_url_adapter(self, request: Any) -> Any:
         url_map = self.url_map
@@ -62,6 +71,16 @@ class _App(Flask):
             return api.V1Adapter(url_map.v1_rule, request.path,
                                  functools.partial(Flask.create_url_adapter, self, request))
         return super().create_url_adapter(request)
+
+    def ensure_sync(self, func: Callable[..., Any]) -> Callable[..., Any]:
+        """Flask's, remembered for plain functions (a view, a hook): Flask asks it for every
+        view and hook it calls, and ``inspect.iscoroutinefunction`` costs more than the call."""
+        if type(func) is not FunctionType:
+            return super().ensure_sync(func)
+        sync = self._sync.get(func)
+        if sync is None:
+            sync = self._sync[func] = super().ensure_sync(func)
+        return sync
 
 
 @dataclass

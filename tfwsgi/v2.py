@@ -16,10 +16,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from flask import Blueprint, Response, current_app, request
+from flask import Blueprint, current_app, request
 
 from . import __version__, codec, metrics, v2codec
-from .api import JSON, TooLarge, raw_path, read_body, request_options
+from .api import JSON, Response, TooLarge, raw_path, read_body, request_options
 from .cachecontrol import cache_status
 from .dataplane import ModelSpec, V2Predict
 from .errors import Code, InvalidArgument, NotFound, TFWSGIError

@@ -420,3 +420,74 @@ def test_a_model_name_with_a_line_break_is_answered_by_the_api_in_json(client):
         r = client.post(path, json={"instances": [1.0]})
         assert r.status_code == 404 and r.is_json, (path, r.get_data(as_text=True))
         assert r.get_json()["error"].startswith("Servable not found for request"), path
+
+
+# ------------------------------------------------------------------ Flask's request and response, lighter
+
+def test_blueprint_hooks_run_as_flask_runs_them(tmp_path):
+    """api.Request finds a request's blueprints once per matched rule: a blueprint's before,
+    after and teardown functions still run on its routes, and only there."""
+    from flask import Blueprint
+
+    app = make_app(tmp_path)
+    seen: list[str] = []
+    extra = Blueprint("extra", __name__)
+
+    @extra.route("/extra")
+    def extra_view():
+        return "x"
+
+    extra.before_request(lambda: seen.append("before") and None)
+    extra.after_request(lambda r: seen.append("after") or r)
+    extra.teardown_request(lambda e: seen.append("teardown"))
+    app.register_blueprint(extra)
+    client = app.test_client()
+    assert client.post(P, json={"instances": [1.0]}).status_code == 200
+    assert seen == []
+    assert client.get("/extra").get_data(as_text=True) == "x"
+    assert seen == ["before", "after", "teardown"]
+    with app.test_request_context(P, method="POST"):
+        from flask import Request
+
+        assert request.blueprints == Request.blueprints.fget(request) == ["v1"]
+        request.url_rule = app.url_map._rules_by_endpoint["extra.extra_view"][0]
+        assert request.blueprints == ["extra"]  # the rule changed: found again
+
+
+def test_a_response_body_goes_out_as_is_unless_something_waits_for_its_close(tmp_path):
+    from werkzeug.test import run_wsgi_app
+
+    from tfwsgi.api import Response
+
+    app = make_app(tmp_path)
+    with app.test_request_context(P, method="POST"):
+        environ = request.environ
+        r = Response(b'{"a": 1}', mimetype="application/json")
+        assert r.get_app_iter(environ) is r.response  # the list of bytes, not an iterator over it
+        closed = []
+        r.call_on_close(lambda: closed.append(1))
+        it = r.get_app_iter(environ)
+        assert it is not r.response and b"".join(it) == b'{"a": 1}'
+        it.close()
+        assert closed == [1]
+        assert list(Response(b"x", status=204).get_app_iter(environ)) == []
+        assert list(Response("text").get_app_iter(environ)) == [b"text"]
+    head = app.test_request_context(P, method="HEAD").request.environ
+    assert list(Response(b"x").get_app_iter(head)) == []
+    body, status, _ = run_wsgi_app(Response(b"ok"), {"REQUEST_METHOD": "GET", "SERVER_NAME": "x",
+                                                      "SERVER_PORT": "80", "wsgi.url_scheme": "http"})
+    assert status == "200 OK" and b"".join(body) == b"ok"
+
+
+def test_ensure_sync_is_remembered_for_plain_functions_only(tmp_path):
+    import functools
+
+    app = make_app(tmp_path)
+
+    def view():
+        return "x"
+
+    assert app.ensure_sync(view) is view and view in app._sync
+    assert app.ensure_sync(view) is view
+    partial = functools.partial(view)
+    assert app.ensure_sync(partial) is partial and partial not in app._sync

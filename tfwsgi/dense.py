@@ -37,7 +37,6 @@ _making = threading.Lock()
 # step per list) costs more than it saves.
 MIN_INNER = 16
 _MAX_LISTS = 1 << 16
-_OPEN = ord("[")
 _EXACT = float(2**53)
 
 
@@ -55,6 +54,8 @@ class Dense:
         if not decodes(signature_inputs):
             return None
         ((name, dtype),) = signature_inputs.items()
+        if dtype.itemsize >= 4:  # |x| < 2**53 (parse): within float32's range, nothing overflows
+            return {name: self.array.astype(dtype, copy=False)}
         with np.errstate(over="ignore"):  # past the type's range: ±inf, as TF Serving's cast gives
             return {name: self.array.astype(dtype, copy=False)}
 
@@ -118,7 +119,7 @@ def _parse(parser: simdjson.Parser, body: bytes) -> Dense | None:
     if flat.size != math.prod(shape):
         return None
     # Integers past 2**53 are not exact as doubles; the general path converts them from int64.
-    if flat.size and float(np.abs(flat).max()) >= _EXACT:
+    if flat.size and (float(flat.max()) >= _EXACT or float(flat.min()) <= -_EXACT):
         return None
     return Dense(signature_name, ROW if rest[0] == "instances" else COLUMNAR, flat.reshape(shape))
 
@@ -144,7 +145,7 @@ def _rectangular(array: simdjson.Array, shape: list[int], body: bytes) -> bool:
     if lists > _MAX_LISTS:
         return False
     # The body's keys are known and its one string has no "[": every "[" opens a list.
-    if int(np.count_nonzero(np.frombuffer(body, dtype=np.uint8) == _OPEN)) != lists:
+    if body.count(b"[") != lists:
         return False
     level: list[object] = [array]
     for depth, n in enumerate(shape):

@@ -6,9 +6,9 @@ Each commit is checked out in a temporary git worktree and served by its own
 ``gunicorn -c gunicorn_conf.py tfwsgi:app -w 2`` (this checkout's venv, the commit's code first on
 ``PYTHONPATH``; cache off, ``TFWSGI_ENABLE_BATCHING=true``), beside the plain Flask + gunicorn peer
 (bench/peers/plain_app.py), all on the reference MLP with 1-example bodies. Each round runs every
-server in turn (wrk, 2 s warm-up, then ``--duration`` s counted), so a noisy machine moves all of
-them alike; the summary gives each server's median rate with its range, and the median of its
-per-round ratios to the peer.
+server in turn (wrk, 2 s warm-up, then ``--duration`` s counted; each round starts with the next
+server, so none always runs first), so a noisy machine moves all of them alike; the summary gives
+each server's median rate with its range, and the median of its per-round ratios to the peer.
 """
 
 from __future__ import annotations
@@ -64,7 +64,9 @@ def main() -> int:
             targets = [*servers, ("peer", peer, peer.url)]
             runs: dict[str, list[dict]] = {name: [] for name, _, _ in targets}
             for r in range(args.rounds):
-                for name, _, url in targets:
+                # Each round starts one server further along, so that no server always runs
+                # first (or right after the same one): the order moves every server alike.
+                for name, _, url in targets[r % len(targets):] + targets[:r % len(targets)]:
                     tb.wrk(url, body_file, args.connections, 2)
                     got = tb.wrk(url, body_file, args.connections, args.duration)
                     runs[name].append(got)

@@ -49,20 +49,15 @@ try:
 finally:
     sys.meta_path.remove(_deferral)
 
-# What ConcreteFunction._call_flat asks before it runs the inference function (see _inference).
-from tensorflow.python.eager.context import executing_eagerly as _executing_eagerly  # noqa: E402
-from tensorflow.python.ops.gradients_util import (  # noqa: E402
-    POSSIBLE_GRADIENT_TYPES_NONE as _NO_GRADIENT,
-)
-from tensorflow.python.ops.gradients_util import (  # noqa: E402
-    PossibleTapeGradientTypes as _possible_gradient_types,
-)
+from tensorflow.core.protobuf import config_pb2  # noqa: E402
+from tensorflow.python.saved_model.loader_impl import SavedModelLoader  # noqa: E402
 
 log = logging.getLogger("tfwsgi")
 
 
 SERVE_TAGS = ("serve",)  # TF Serving's default --saved_model_tags (tag_constants.h kSavedModelTagServe)
 WARMUP_FILE = "tf_serving_warmup_requests"
+INIT_OP_SIGNATURE = "__saved_model_init_op"  # TF2's init op, a SignatureDef of no inputs: not served
 MAX_WARMUP_RECORDS = 1000
 CLASSIFY_INPUTS = "inputs"
 CLASSIFY_CLASSES = "classes"
@@ -89,6 +84,18 @@ def initialize_runtime() -> None:
         context.ensure_initialized()
 
 
+def session_config() -> Any:
+    """The ConfigProto of a servable's Session: the worker's thread settings. One inter-op
+    thread (the default) runs the graph in the calling thread (``inter_op_parallelism_threads
+    = -1``, DirectSession's ``run_in_caller_thread``): the same one op at a time, without
+    handing each run to a pool thread and back (~200 µs of CPU a run of the bench MLP)."""
+    intra, inter = _configured or (0, 0)
+    config = config_pb2.ConfigProto(intra_op_parallelism_threads=intra,
+                                    inter_op_parallelism_threads=-1 if inter == 1 else inter,
+                                    allow_soft_placement=True)
+    return config
+
+
 def configure_threads(intra_op: int, inter_op: int) -> None:
     """Set TF's thread pools; must run before TensorFlow executes anything in this process."""
     global _configured
@@ -109,50 +116,38 @@ def _numpy_dtype(tf_dtype: Any) -> np.dtype:
 
 @dataclass
 class Signature:
-    """A signature's name, method, typed inputs and outputs, and the function that runs it."""
+    """A signature's name, method, typed inputs and outputs, and the Session callable that runs
+    it: its inputs fed, its outputs fetched, by their tensor names (as TF Serving runs it)."""
 
     name: str
     method_name: str
     inputs: dict[str, np.dtype]
     input_shapes: dict[str, Any]  # tf.TensorShape
     outputs: dict[str, np.dtype]
-    fn: Any
-    flat_order: tuple[str, ...] | None = None  # see _flat_order
-    inference: Any = None  # see _inference
+    call: Any  # Session callable: the inputs' arrays in ``feeds`` order -> outputs in ``fetches`` order
+    feeds: tuple[str, ...]
+    fetches: tuple[str, ...]
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run on decoded inputs (already of the signature's dtypes); TF errors keep their code.
 
-        The shapes the signature declares are not checked, as TF Serving does not check them:
-        tensorflow_serving/servables/tensorflow/predict_util.cc (``PreProcessPrediction``) checks
-        the input names and turns the request's tensors into Tensors
-        (``saved_model::GetInputValues``), and ``session->Run`` feeds them into the graph; a shape
-        the graph cannot take fails in the op that cannot take it, with that op's status
-        (INVALID_ARGUMENT, "Matrix size-incompatible: In[0]: [1,3], In[1]: [4,3]" …). Calling
-        the function flat does the same here: TF1 graphs (``SavedModelBuilder``, estimators),
-        loaded as pruned wrapped functions, and TF2 functions (``tf.saved_model.save``, Keras 3
-        ``export``) both run the tensors as given, where the public call of a TF2 function would
-        refuse a shape other than the declared one before running anything."""
+        As TF Serving runs a signature: tensorflow_serving/servables/tensorflow/predict_util.cc
+        (``PreProcessPrediction``) checks the input names and turns the request's tensors into
+        Tensors (``saved_model::GetInputValues``), and ``session->Run`` feeds them into the graph
+        by the signature's tensor names and fetches its outputs. The shapes a signature declares
+        are not checked: a shape the graph cannot take fails in the op that cannot take it, with
+        that op's status (INVALID_ARGUMENT, "Matrix size-incompatible: In[0]: [1,3], In[1]:
+        [4,3]" …). The callable (``Session._make_callable_from_options``, TensorFlow 2.16 to
+        2.21) feeds the arrays as they are, with no Python-side check of the placeholders'
+        shapes, which ``Session.run`` would make."""
         codec.check_input_names(inputs, self.inputs)
         try:
-            feeds = {key: tf.constant(arr, dtype=tf.string if arr.dtype.kind == "O" else None)
-                     for key, arr in inputs.items()}
-            if self.flat_order is not None:
-                args = [feeds[k] for k in self.flat_order]
-                captures = self.fn.captured_inputs
-                if self.inference is not None and _untaped(args, captures):
-                    result = self.inference.call_preflattened(args + captures)
-                else:
-                    result = self.fn._call_flat(args, captures)
-            else:
-                result = self.fn(**feeds)
+            outputs = self.call(*[inputs[key] for key in self.feeds])
         except tf.errors.OpError as exc:
             raise TFWSGIError(op_message(exc.message), exc.error_code) from None
         except (TypeError, ValueError) as exc:
             raise InvalidArgument(str(exc)) from None
-        if not isinstance(result, Mapping):
-            result = {"output_0": result}
-        return {k: _array(v.numpy()) for k, v in result.items()}
+        return {key: _array(value) for key, value in zip(self.fetches, outputs, strict=True)}
 
 
 # What Python's runtime adds around an op's status message (tensorflow/python/eager/execute.py:
@@ -221,41 +216,24 @@ def _read_meta_graph(path: str, tags: Collection[str] = SERVE_TAGS) -> Any:
                    "`saved_model_cli`")
 
 
-def _flat_order(fn: Any, names: set[str]) -> tuple[str, ...] | None:
-    """The keyword inputs of a signature function in the order its flat call takes them, when
-    it can be called flat: ``fn(**feeds)`` binds the keywords to the function's declared inputs
-    (``inspect``-based, ~60 µs of Python a call here) and then makes this very call, with the
-    same tensors and captures. Only where the inputs are exactly keyword tensors; else None and
-    the public call is used. ``ConcreteFunction._call_flat`` is TensorFlow's (2.16 to 2.21),
-    checked by tests/unit/test_servable.py against the public call."""
-    args, kwargs = getattr(fn, "structured_input_signature", (None, None))
-    if args != () or not isinstance(kwargs, dict) or set(kwargs) != names:
-        return None
-    if not callable(getattr(fn, "_call_flat", None)) or not hasattr(fn, "captured_inputs"):
-        return None
-    if not all(isinstance(spec, tf.TensorSpec) for spec in kwargs.values()):
-        return None
-    return tuple(tf.nest.flatten({k: k for k in kwargs}))
+def _callable(session: Any, sig_def: Any) -> tuple[Any, tuple[str, ...], tuple[str, ...]]:
+    """A Session callable for one SignatureDef, its feeds and fetches by tensor name; for a
+    signature with a sparse or composite tensor, which has no one name to feed or fetch, a
+    function that refuses every call (the model still loads, its other signatures serve)."""
+    feeds, fetches = tuple(sig_def.inputs), tuple(sig_def.outputs)
+    for key, info in (*sig_def.inputs.items(), *sig_def.outputs.items()):
+        encoding = info.WhichOneof("encoding")
+        if encoding != "name":
+            message = f"Signature tensor {key} is a {encoding} tensor: only dense tensors are served"
 
+            def refuse(*_: Any, message: str = message) -> Any:
+                raise Unimplemented(message)
 
-def _inference(fn: Any) -> Any:
-    """The function's inference function, which its flat call runs when no gradient tape
-    watches the arguments and TensorFlow executes eagerly: ``ConcreteFunction._call_flat``
-    (TensorFlow 2.16 to 2.21) returns ``self._inference_function.call_preflattened(args)`` then,
-    after checks that only apply to graph building and tapes (~30 µs of Python a call here,
-    more for a saved model's ``_WrapperFunction``, whose captures are the same tensors when no
-    distribution strategy loaded the model, as none does here). None where TensorFlow's own
-    layout differs, and the flat call is used."""
-    inference = getattr(fn, "_inference_function", None)
-    if not callable(getattr(inference, "call_preflattened", None)):
-        return None
-    return inference
-
-
-def _untaped(args: list[Any], captures: list[Any]) -> bool:
-    """Whether ``ConcreteFunction._call_flat`` would go straight to the inference function."""
-    return (_executing_eagerly()
-            and _possible_gradient_types(args + captures) == _NO_GRADIENT)
+            return refuse, feeds, fetches
+    options = config_pb2.CallableOptions()
+    options.feed.extend(sig_def.inputs[key].name for key in feeds)
+    options.fetch.extend(sig_def.outputs[key].name for key in fetches)
+    return session._make_callable_from_options(options), feeds, fetches
 
 
 class Servable:
@@ -271,25 +249,31 @@ class Servable:
             sig_map.signature_def[key].CopyFrom(sig)
         self.signature_def_map: dict[str, Any] = json_format.MessageToDict(
             sig_map, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+        # Loaded into a Session, as TF Serving loads it (tensorflow/cc/saved_model/loader.cc
+        # LoadSavedModel: the meta graph, its variables restored, its init op run with the
+        # assets fed), so that TF1 graphs, estimators and TF2/Keras exports all run as their
+        # SignatureDefs say.
+        self._session = tf.compat.v1.Session(graph=tf.Graph(), config=session_config())
         try:
-            self._model = tf.saved_model.load(path, tags=sorted(set(tags)))
+            SavedModelLoader(path).load(self._session, list(meta_graph.meta_info_def.tags))
+            self.signatures: dict[str, Signature] = {}
+            for key, sig_def in meta_graph.signature_def.items():
+                if key == INIT_OP_SIGNATURE:
+                    continue
+                call, feeds, fetches = _callable(self._session, sig_def)
+                self.signatures[key] = Signature(
+                    name=key,
+                    method_name=sig_def.method_name,
+                    inputs={k: _numpy_dtype(info.dtype) for k, info in sig_def.inputs.items()},
+                    input_shapes={k: tf.TensorShape(info.tensor_shape) for k, info in sig_def.inputs.items()},
+                    outputs={k: _numpy_dtype(info.dtype) for k, info in sig_def.outputs.items()},
+                    call=call, feeds=feeds, fetches=fetches)
         except tf.errors.OpError as exc:
+            self._session.close()
             raise TFWSGIError(exc.message, exc.error_code) from None
-        self.signatures: dict[str, Signature] = {}
-        for key, fn in self._model.signatures.items():
-            sig_def = meta_graph.signature_def[key]
-            _, kwargs = fn.structured_input_signature
-            self.signatures[key] = Signature(
-                name=key,
-                method_name=sig_def.method_name,
-                inputs={k: _numpy_dtype(info.dtype) for k, info in sig_def.inputs.items()},
-                input_shapes={k: kwargs[k].shape if k in kwargs else tf.TensorShape(None)
-                              for k in sig_def.inputs},
-                outputs={k: _numpy_dtype(info.dtype) for k, info in sig_def.outputs.items()},
-                fn=fn,
-                flat_order=_flat_order(fn, set(sig_def.inputs)),
-                inference=_inference(fn),
-            )
+        except BaseException:
+            self._session.close()
+            raise
         # Whether a predict body is worth trying on the dense path (tfwsgi/dense.py) at all.
         self.takes_dense = any(dense.decodes(s.inputs) for s in self.signatures.values())
 

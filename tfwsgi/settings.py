@@ -141,7 +141,9 @@ class Settings:
             "cores ÷ workers, at least 1 (TF's own 0 would give every worker every core).",
             _non_negative)
     tensorflow_inter_op_parallelism: int = setting(0,
-            "Ops run in parallel in each worker. 0 fits it to the machine: 1.", _non_negative)
+            "Ops run in parallel in each worker. 0 fits it to the machine: 1, which runs each "
+            "model's graph in the thread that calls it (no hand-off to a pool thread).",
+            _non_negative)
     cpu_affinity: bool = setting(True,
             "Pin each worker to its share of the cores this server may use (split evenly over "
             "the workers, as the TF threads are; with more workers than cores, one core each, "

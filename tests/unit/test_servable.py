@@ -21,34 +21,55 @@ def test_tensorflow_comes_without_keras_and_keras_still_loads_on_first_use() -> 
                    env={"TF_CPP_MIN_LOG_LEVEL": "3", "PATH": "/usr/bin:/bin"})
 
 
-def test_each_signature_is_called_flat_and_answers_as_the_public_call(tmp_path: Path) -> None:
-    """Signature.run calls the signature function flat (skipping the keyword binding); every
-    signature of a many-dtype model must take that path and answer exactly as ``fn(**feeds)``."""
+def test_each_signature_runs_in_the_session_and_answers_as_the_tf2_public_call(tmp_path: Path) -> None:
+    """Signature.run feeds and fetches a signature by its tensor names in a Session, as TF
+    Serving runs it; every signature of a many-dtype model must answer exactly as the same
+    signature loaded by ``tf.saved_model.load`` and called as ``fn(**feeds)``."""
     import numpy as np
     import tensorflow as tf
 
     from models import build_multi
     from tfwsgi.servable import Servable
 
-    servable = Servable("multi", 1, build_multi(str(tmp_path / "multi" / "1")))
+    path = build_multi(str(tmp_path / "multi" / "1"))
+    servable = Servable("multi", 1, path)
+    public_signatures = tf.saved_model.load(path).signatures
     assert len(servable.signatures) >= 5
+    assert set(servable.signatures) == set(public_signatures)
     # A serialized tf.Example for the classify/regress signatures (any string for the others).
     example = tf.train.Example(features=tf.train.Features(feature={
         "x": tf.train.Feature(float_list=tf.train.FloatList(value=[1.0]))})).SerializeToString()
     for name, sig in servable.signatures.items():
-        assert sig.flat_order is not None and set(sig.flat_order) == set(sig.inputs), name
-        assert sig.inference is not None, name
+        assert set(sig.feeds) == set(sig.inputs) and set(sig.fetches) == set(sig.outputs), name
         inputs = {}
         for key, dtype in sig.inputs.items():
             shape = [2 if d is None else d for d in sig.input_shapes[key].as_list()]
             inputs[key] = (np.full(shape, example, dtype=object) if dtype.kind == "O"
                            else np.ones(shape, dtype=dtype))
-        flat = sig.run(inputs)
-        public = sig.fn(**{k: tf.constant(v, dtype=tf.string if v.dtype.kind == "O" else None)
-                           for k, v in inputs.items()})
-        assert set(flat) == set(public), name
+        ran = sig.run(inputs)
+        feeds = {k: tf.constant(v, dtype=tf.string if v.dtype.kind == "O" else None)
+                 for k, v in inputs.items()}
+        public = public_signatures[name](**feeds)
+        assert set(ran) == set(public), name
         for key, value in public.items():
-            np.testing.assert_array_equal(flat[key], value.numpy(), err_msg=f"{name}/{key}")
+            assert ran[key].dtype == value.numpy().dtype, f"{name}/{key}"
+            np.testing.assert_array_equal(ran[key], value.numpy(), err_msg=f"{name}/{key}")
+
+
+def test_one_inter_op_thread_runs_the_graph_in_the_calling_thread() -> None:
+    from tfwsgi import servable
+
+    saved = servable._configured
+    try:
+        servable._configured = (2, 1)
+        config = servable.session_config()
+        assert (config.intra_op_parallelism_threads, config.inter_op_parallelism_threads) == (2, -1)
+        servable._configured = (1, 4)
+        config = servable.session_config()
+        assert (config.intra_op_parallelism_threads, config.inter_op_parallelism_threads) == (1, 4)
+        assert config.allow_soft_placement
+    finally:
+        servable._configured = saved
 
 
 def test_op_errors_keep_the_ops_status_message_as_tf_serving_answers_it() -> None:
@@ -64,3 +85,22 @@ def test_op_errors_keep_the_ops_status_message_as_tf_serving_answers_it() -> Non
     assert op_message(traced) == status
     assert op_message(status) == status
     assert op_message("assertion failed: [x must be > 0]") == "assertion failed: [x must be > 0]"
+
+
+def test_a_signature_with_a_tensor_of_no_one_name_is_refused_when_called() -> None:
+    """A TensorInfo encoded as coo_sparse or composite has no one tensor to feed or fetch: that
+    signature refuses its calls (the model still loads and its other signatures serve)."""
+    import numpy as np
+    import pytest
+    from tensorflow.core.protobuf import meta_graph_pb2
+
+    from tfwsgi.errors import Unimplemented
+    from tfwsgi.servable import _callable
+
+    sig_def = meta_graph_pb2.SignatureDef()
+    sig_def.inputs["x"].coo_sparse.values_tensor_name = "values:0"
+    sig_def.outputs["y"].name = "y:0"
+    call, feeds, fetches = _callable(None, sig_def)
+    assert (feeds, fetches) == (("x",), ("y",))
+    with pytest.raises(Unimplemented, match="Signature tensor x is a coo_sparse tensor"):
+        call(np.zeros(1))

@@ -90,10 +90,9 @@ def session_config() -> Any:
     = -1``, DirectSession's ``run_in_caller_thread``): the same one op at a time, without
     handing each run to a pool thread and back (~200 µs of CPU a run of the bench MLP)."""
     intra, inter = _configured or (0, 0)
-    config = config_pb2.ConfigProto(intra_op_parallelism_threads=intra,
-                                    inter_op_parallelism_threads=-1 if inter == 1 else inter,
-                                    allow_soft_placement=True)
-    return config
+    return config_pb2.ConfigProto(intra_op_parallelism_threads=intra,
+                                  inter_op_parallelism_threads=-1 if inter == 1 else inter,
+                                  allow_soft_placement=True)
 
 
 def configure_threads(intra_op: int, inter_op: int) -> None:
@@ -253,9 +252,13 @@ class Servable:
         # LoadSavedModel: the meta graph, its variables restored, its init op run with the
         # assets fed), so that TF1 graphs, estimators and TF2/Keras exports all run as their
         # SignatureDefs say.
+        # (SavedModelLoader's own steps: its load() would parse saved_model.pb once more.)
         self._session = tf.compat.v1.Session(graph=tf.Graph(), config=session_config())
         try:
-            SavedModelLoader(path).load(self._session, list(meta_graph.meta_info_def.tags))
+            loader, tag_set = SavedModelLoader(path), list(meta_graph.meta_info_def.tags)
+            saver, _ = loader.load_graph(self._session.graph, tag_set)
+            loader.restore_variables(self._session, saver)
+            loader.run_init_ops(self._session, tag_set)
             self.signatures: dict[str, Signature] = {}
             for key, sig_def in meta_graph.signature_def.items():
                 if key == INIT_OP_SIGNATURE:
@@ -268,11 +271,10 @@ class Servable:
                     input_shapes={k: tf.TensorShape(info.tensor_shape) for k, info in sig_def.inputs.items()},
                     outputs={k: _numpy_dtype(info.dtype) for k, info in sig_def.outputs.items()},
                     call=call, feeds=feeds, fetches=fetches)
-        except tf.errors.OpError as exc:
+        except BaseException as exc:
             self._session.close()
-            raise TFWSGIError(exc.message, exc.error_code) from None
-        except BaseException:
-            self._session.close()
+            if isinstance(exc, tf.errors.OpError):
+                raise TFWSGIError(exc.message, exc.error_code) from None
             raise
         # Whether a predict body is worth trying on the dense path (tfwsgi/dense.py) at all.
         self.takes_dense = any(dense.decodes(s.inputs) for s in self.signatures.values())

@@ -98,8 +98,9 @@ REQUEST_WAIT_SECONDS = Histogram(
     buckets=(0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30))
 REQUESTS_DROPPED = Counter(
     "tfwsgi_requests_dropped_total",
-    "Requests answered without running: overload (503, too many waiting in the worker) or "
-    "deadline (504, not answered within rest_api_timeout_in_ms).",
+    "Requests answered or dropped without running: overload (503, too many waiting in the "
+    "worker), deadline (504, not answered within rest_api_timeout_in_ms) or client_closed (the "
+    "client closed its connection while the request waited for a thread).",
     ["reason"])
 WORKER_EXITS = Counter(
     "tfwsgi_worker_exits_total",

@@ -27,7 +27,8 @@ to the loop and take from the queue.
 Each request carries a deadline (``TFWSGI_REST_API_TIMEOUT_IN_MS``, TF Serving's
 ``--rest_api_timeout_in_ms``): the loop answers a request still unanswered at its deadline with
 TF Serving's DEADLINE_EXCEEDED (504, JSON) and closes that connection; a request whose deadline
-passed while it waited is dropped before it runs (the batcher drops it too). Past a bound of
+passed while it waited is dropped before it runs (the batcher drops it too), and so is one whose
+client closed its connection while it waited. Past a bound of
 requests waiting in the worker (``TFWSGI_MAX_WAITING_REQUESTS``; by default what the worker serves
 within one deadline at its measured rate) a request gets an immediate 503 with ``Retry-After``.
 gunicorn's heartbeat stops while any request thread has been on one request longer than
@@ -442,6 +443,18 @@ class Response(wsgi.Response):
         return headers
 
 
+def _client_gone(sock: socket.socket) -> bool:
+    """The peer closed (or reset) the connection: nothing is left to read and the next read is
+    its end. A request already read from the socket is then an abandoned one. (A client that
+    half-closes after its request, e.g. ``nc -N``, counts as gone, as nginx counts it.)"""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True
+
+
 def _wait(sock: socket.socket, event: int, timeout: float) -> bool:
     poller = select.poll()
     poller.register(sock, event)
@@ -802,11 +815,27 @@ class EventWorker(base.Worker):
                     self.waiting -= 1
             if job is None:
                 return
+            if _client_gone(job.conn.sock):
+                self._drop_abandoned(job)
+                continue
             try:
                 self._serve(index, job)
             except Exception:  # never lose the thread
                 self.log.exception("tfwsgi: error serving a connection")
                 self._finish(job.conn, None)
+
+    def _drop_abandoned(self, job: Job) -> None:
+        """A queued request whose client closed its connection while it waited: not run (as
+        nginx finalizes a request whose client closed, 499). Without this, a worker spends the
+        time it takes to serve its whole queue on answers nobody reads, for instance after a
+        load balancer or a benchmark drops thousands of connections at once."""
+        with self._claim:
+            claimed = not job.answered
+            job.answered = True
+        if claimed:
+            self.metrics.count_dropped("client_closed")
+        job.done = True
+        self._finish(job.conn, None)
 
     def _serve(self, index: int, job: Job | None) -> None:
         """Serve ``job``, then the connection's next requests while they come without waiting."""

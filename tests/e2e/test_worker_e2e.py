@@ -279,6 +279,31 @@ def test_a_flood_beyond_the_waiting_bound_gets_fast_503s(start_server, model_roo
     assert 'tfwsgi_requests_dropped_total{reason="overload"}' in metrics
 
 
+def test_a_queued_request_whose_client_closed_is_not_run(start_server, model_root):
+    """One request thread busy with a ~0.25 s request; 5 clients send theirs and close their
+    connections while they wait: none of the 5 runs (each would hold the thread 0.25 s), so a
+    request sent after them is answered once the first is done, not 1.25 s later."""
+    srv = start_server(multi_env(model_root), workers=1, extra_args=("--threads", "1"))
+    srv.wait_ready()
+    body = b'{"signature_name": "slow", "instances": [1.0]}'
+    request = (b"POST /v1/models/multi:predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    first = threading.Thread(target=slow_predict, args=(srv.port,))
+    first.start()
+    time.sleep(0.05)  # the first request holds the one thread
+    for _ in range(5):
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as s:
+            s.sendall(request)
+            time.sleep(0.01)  # all of it in, queued; then the client leaves
+    status, _, answer, elapsed = slow_predict(srv.port, 2.0)
+    first.join(30)
+    assert status == 200, answer
+    assert elapsed < 0.25 + 0.5, elapsed
+    metrics = srv.get("/metrics").text
+    assert metric_total(metrics, "tfwsgi_requests_dropped_total", reason="client_closed") == 5
+    assert "Traceback" not in srv.log()
+
+
 def test_trickling_clients_hold_no_thread_and_are_cut_at_the_deadline(start_server, model_root):
     """With 2 request threads, 100 clients trickling their headers a byte at a time: normal
     clients are answered meanwhile; a request not all received within the deadline gets 408."""

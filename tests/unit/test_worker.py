@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import json
+import random
 import sys
 from typing import Any
 
 from tfwsgi.worker import (
+    _COUNTER,
+    _SLOTS,
     HAND_OVER,
     NEED_MORE,
+    Balance,
     Channel,
     Conn,
     SettledConfig,
+    _new_shared,
     error_response,
     request_extent,
     waiting_bound,
@@ -212,3 +217,25 @@ def test_the_response_head_is_gunicorns_but_for_the_date_source():
             a, b = ours.default_headers(), theirs.default_headers()
             assert [h for h in a if not h.startswith("Date:")] == [h for h in b if not h.startswith("Date:")]
             assert len(a) == len(b) and a[2].startswith("Date: ")
+
+
+def test_a_worker_accepts_when_no_accepting_sibling_holds_fewer_connections_than_it_less_slack():
+    """Balance.least_loaded against its definition, over random slot tables: not accepting
+    siblings (-1) never count; a sibling counts when it holds fewer than this worker's
+    connections less a slack of 2 + 1/64."""
+    rng = random.Random(7)
+    for _ in range(500):
+        shared = _new_shared()
+        age = rng.randrange(1000)
+        balance = Balance(shared, age)
+        balance.add(rng.randrange(0, 6000))
+        mine = balance.connections - 2 - balance.connections // 64
+        counts = {}
+        for slot in rng.sample(range(_SLOTS), rng.randrange(1, 6)):
+            counts[slot] = rng.choice([-1, 0, mine - 1, mine, mine + 1, rng.randrange(0, 6000)])
+            if slot != age % _SLOTS:
+                _COUNTER.pack_into(shared, slot * _COUNTER.size, counts[slot])
+        others = [c for slot, c in counts.items() if slot != age % _SLOTS]
+        assert balance.least_loaded() == (not any(0 <= c < mine for c in others))
+    balance.withdraw()
+    assert balance.least_loaded()

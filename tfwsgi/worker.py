@@ -822,44 +822,35 @@ class EventWorker(base.Worker):
                     self.waiting -= 1
             if job is None:
                 return
-            if _client_gone(job.conn.sock):
-                self._drop_abandoned(job)
-                continue
             try:
-                self._serve(index, job)
+                self._serve(index, job, queued=True)
             except Exception:  # never lose the thread
                 self.log.exception("tfwsgi: error serving a connection")
                 self._finish(job.conn, None)
 
-    def _drop_abandoned(self, job: Job) -> None:
-        """A queued request whose client closed its connection while it waited: not run (as
-        nginx finalizes a request whose client closed, 499). Without this, a worker spends the
-        time it takes to serve its whole queue on answers nobody reads, for instance after a
-        load balancer or a benchmark drops thousands of connections at once."""
-        with self._claim:
-            claimed = not job.answered
-            job.answered = True
-        if claimed:
-            self.metrics.count_dropped("client_closed")
-        job.done = True
-        self._finish(job.conn, None)
-
-    def _serve(self, index: int, job: Job | None) -> None:
-        """Serve ``job``, then the connection's next requests while they come without waiting."""
+    def _serve(self, index: int, job: Job | None, queued: bool = False) -> None:
+        """Serve ``job``, then the connection's next requests while they come without waiting.
+        A job is dropped before it runs when its deadline passed while it waited (504), or, for
+        one that waited in the queue (``queued``), when its client closed the connection
+        meanwhile (as nginx drops a request whose client closed, its 499): a worker then does
+        not spend the time its whole queue takes on answers nobody reads, as after a load
+        balancer or a benchmark drops thousands of connections at once."""
         while job is not None:
             conn = job.conn
             now = time.monotonic()
             self.metrics.observe_wait(now - job.arrived)
+            gone = queued and _client_gone(conn.sock)
+            queued = False  # the connection's next requests are read by this thread
             with self._claim:
-                expired = job.answered or now >= job.deadline
-                if not job.answered and expired:
+                dropped = job.answered or gone or now >= job.deadline
+                reason = None
+                if dropped and not job.answered:
                     job.answered = True
-                    late = True
-                else:
-                    late = False
-            if expired:  # dropped before it runs
-                if late:
-                    self.metrics.count_dropped("deadline")
+                    reason = "client_closed" if gone else "deadline"
+            if dropped:
+                if reason is not None:
+                    self.metrics.count_dropped(reason)
+                if reason == "deadline":
                     with contextlib.suppress(OSError):
                         Channel(conn, job.deadline).sendall(deadline_response(self.timeout_ms))
                 job.done = True

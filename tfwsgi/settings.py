@@ -142,7 +142,8 @@ class Settings:
             _non_negative)
     tensorflow_inter_op_parallelism: int = setting(0,
             "Ops run in parallel in each worker. 0 fits it to the machine: 1, which runs each "
-            "model's graph in the thread that calls it (no hand-off to a pool thread).",
+            "model's graph in the thread that calls it (no hand-off to a pool thread), one run "
+            "at a time in a worker, as runs take turns on TF Serving's one inter-op thread.",
             _non_negative)
     cpu_affinity: bool = setting(True,
             "Pin each worker to its share of the cores this server may use (split evenly over "

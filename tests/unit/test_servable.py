@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 def test_tensorflow_comes_without_keras_and_keras_still_loads_on_first_use() -> None:
     code = (
@@ -70,6 +72,43 @@ def test_one_inter_op_thread_runs_the_graph_in_the_calling_thread() -> None:
         assert config.allow_soft_placement
     finally:
         servable._configured = saved
+
+
+_TURNS = """
+import sys, threading, time
+import numpy as np
+from tfwsgi import servable
+servable.configure_threads(1, int(sys.argv[1]))
+active, most = [0], [0]
+lock = threading.Lock()
+def call(x):
+    with lock:
+        active[0] += 1
+        most[0] = max(most[0], active[0])
+    time.sleep(0.05)  # the graph's run, the GIL released
+    with lock:
+        active[0] -= 1
+    return [x * 2]
+sig = servable.Signature(name="s", method_name="m", inputs={"x": np.dtype("float32")}, input_shapes={},
+                         outputs={"y": np.dtype("float32")}, call=call, feeds=("x",), fetches=("y",))
+threads = [threading.Thread(target=sig.run, args=({"x": np.ones(1, np.float32)},)) for _ in range(4)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print(most[0])
+"""
+
+
+@pytest.mark.parametrize("inter_op, most", [(1, 1), (2, 4)])
+def test_with_one_inter_op_thread_the_calling_threads_take_turns(inter_op: int, most: int) -> None:
+    """One inter-op thread: graphs run in the calling threads, one run at a time in a worker,
+    as runs take turns on TF Serving's one inter-op thread. With more, TensorFlow's inter-op pool
+    bounds the ops, and the calls go in together."""
+    out = subprocess.run([sys.executable, "-c", _TURNS, str(inter_op)], check=True, timeout=300,
+                         capture_output=True, text=True,
+                         env={"TF_CPP_MIN_LOG_LEVEL": "3", "PATH": "/usr/bin:/bin"})
+    assert int(out.stdout.split()[-1]) == most
 
 
 def test_op_errors_keep_the_ops_status_message_as_tf_serving_answers_it() -> None:

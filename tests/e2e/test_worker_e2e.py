@@ -366,3 +366,35 @@ def test_a_worker_whose_request_thread_is_stuck_past_the_timeout_is_replaced(sta
     assert "no heartbeat, so this worker is replaced" in srv.log()
     srv.wait_ready(count=1)
     assert victim not in srv.worker_pids()
+
+
+def _policies(pid: int) -> dict[int, int]:
+    out = {}
+    for name in os.listdir(f"/proc/{pid}/task"):
+        try:
+            out[int(name)] = os.sched_getscheduler(int(name))
+        except OSError:  # the thread ended
+            continue
+    return out
+
+
+def test_request_batch_and_tf_threads_run_under_sched_batch_and_the_loop_does_not(start_server, model_root):
+    """TFWSGI_SCHED_BATCH (on by default): every thread of a worker but its event loop (the
+    worker's main thread) is under SCHED_BATCH; off, every thread stays normal. Requests are
+    answered either way."""
+    on = start_server(hp_env(model_root, TFWSGI_ENABLE_BATCHING="true"), workers=1,
+                      extra_args=("--threads", "8"))
+    off = start_server(hp_env(model_root, TFWSGI_SCHED_BATCH="false"), workers=1)
+    for srv, batch in ((on, True), (off, False)):
+        srv.wait_ready()
+        conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30)
+        assert predict(conn).status == 200
+        conn.close()
+        (pid,) = srv.worker_pids()
+        policies = _policies(pid)
+        assert policies.pop(pid) == os.SCHED_OTHER  # the event loop
+        if batch:
+            # 8 request threads, the batch thread, TensorFlow's and gRPC's threads
+            assert set(policies.values()) == {os.SCHED_BATCH} and len(policies) > 9, policies
+        else:
+            assert set(policies.values()) == {os.SCHED_OTHER}, policies

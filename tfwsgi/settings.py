@@ -154,8 +154,8 @@ class Settings:
             "Run each worker's request, batch and TensorFlow threads under Linux's SCHED_BATCH "
             "policy (the worker's event loop stays normal, so it reads and queues requests as "
             "they come): a thread that wakes up does not preempt the running one, often the "
-            "one holding the GIL or running the model. At 32 connections it cut the p99 by a "
-            "quarter. With tfwsgi's worker class (gunicorn_conf.py's default) only.")
+            "one holding the GIL or running the model (docs/architecture.md has the figures). "
+            "With tfwsgi's worker class (gunicorn_conf.py's default) only.")
     file_system_poll_wait_seconds: int = setting(1,
             "How often each worker looks for new, removed or changed versions under the base "
             "paths; 0 looks once, at start.", _non_negative)

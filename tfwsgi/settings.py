@@ -155,7 +155,8 @@ class Settings:
             "policy (the worker's event loop stays normal, so it reads and queues requests as "
             "they come): a thread that wakes up does not preempt the running one, often the "
             "one holding the GIL or running the model (docs/architecture.md has the figures). "
-            "With tfwsgi's worker class (gunicorn_conf.py's default) only.")
+            "Turn it off when clients or a proxy share the workers' cores: a client at normal "
+            "priority on them then sees a longer tail. With tfwsgi's worker class only.")
     file_system_poll_wait_seconds: int = setting(1,
             "How often each worker looks for new, removed or changed versions under the base "
             "paths; 0 looks once, at start.", _non_negative)

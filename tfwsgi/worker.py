@@ -39,9 +39,10 @@ Every thread of the worker but the loop runs under Linux's ``SCHED_BATCH``
 batch's answer free) does not preempt the running thread, which on the worker's one core is
 often the one holding the GIL or running the model. At 32 connections that cut the p99 from
 20–22 ms to 15–17 ms with wrk under SCHED_FIFO, and gave up to 7% more req/s with wrk at normal
-priority (docs/architecture.md has the figures). The loop stays normal, so that it reads and
-queues requests as they arrive: with the loop under SCHED_BATCH too, the p99 at 1024 connections
-rose from 0.40–0.44 s to 0.68–1.01 s.
+priority, at the cost of a longer tail for such a client on the same cores (docs/architecture.md
+has the figures). The loop stays normal, so that it reads and queues requests as they arrive:
+with the loop under SCHED_BATCH too, the p99 at 1024 connections rose from 0.40–0.44 s to
+0.68–1.01 s.
 
 Parsing and responses stay gunicorn's own (``gunicorn.http`` with its C parser ``gunicorn_h1c``
 under ``http_parser = auto``), fed from the connection's buffer, so its request limits, smuggling

@@ -151,12 +151,10 @@ class Settings:
             "balanced): its threads stay on one core, where the GIL changes hands cheaply. "
             "Turn it off when other busy processes share the cores.")
     sched_batch: bool = setting(True,
-            "Run each worker's request, batch and TensorFlow threads under Linux's SCHED_BATCH "
-            "policy (the worker's event loop stays normal, so it reads and queues requests as "
-            "they come): a thread that wakes up does not preempt the running one, often the "
-            "one holding the GIL or running the model (docs/architecture.md has the figures). "
-            "Turn it off when clients or a proxy share the workers' cores: a client at normal "
-            "priority on them then sees a longer tail. With tfwsgi's worker class only.")
+            "Run each worker's request threads under Linux's SCHED_BATCH policy (its event "
+            "loop, batch thread and TensorFlow threads stay normal): a request thread that wakes "
+            "up does not preempt the running one, often the one holding the GIL "
+            "(docs/architecture.md has the figures). With tfwsgi's worker class only.")
     file_system_poll_wait_seconds: int = setting(1,
             "How often each worker looks for new, removed or changed versions under the base "
             "paths; 0 looks once, at start.", _non_negative)

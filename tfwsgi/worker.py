@@ -34,15 +34,14 @@ within one deadline at its measured rate) a request gets an immediate 503 with `
 gunicorn's heartbeat stops while any request thread has been on one request longer than
 gunicorn's ``timeout``, so the master replaces a worker whose threads are stuck.
 
-Every thread of the worker but the loop runs under Linux's ``SCHED_BATCH``
-(``TFWSGI_SCHED_BATCH``): a request thread that wakes up (its connection readable, the GIL or a
-batch's answer free) does not preempt the running thread, which on the worker's one core is
-often the one holding the GIL or running the model. At 32 connections that cut the p99 from
-20–22 ms to 15–17 ms with wrk under SCHED_FIFO, and gave up to 7% more req/s with wrk at normal
-priority, at the cost of a longer tail for such a client on the same cores (docs/architecture.md
-has the figures). The loop stays normal, so that it reads and queues requests as they arrive:
-with the loop under SCHED_BATCH too, the p99 at 1024 connections rose from 0.40–0.44 s to
-0.68–1.01 s.
+The request threads run under Linux's ``SCHED_BATCH`` (``TFWSGI_SCHED_BATCH``): a request thread
+that wakes up (its connection readable, the GIL or a batch's answer free) does not preempt the
+running thread, which on the worker's one core is often the one holding the GIL. The loop, the
+batch thread and TensorFlow's threads stay normal: they are on every request's path, and a woken
+one should run at once. Measured at 32 connections with wrk at normal priority on the same cores
+(the throughput benchmark, two runs): 4909 and 4492 req/s against 4257 without, p99 13.6 and
+29.1 ms against 23.9 (docs/architecture.md has every round); with every thread but the loop under
+SCHED_BATCH (the batch thread too), 4737 and 4965 req/s but a p99 of 40.5 and 60.3 ms.
 
 Parsing and responses stay gunicorn's own (``gunicorn.http`` with its C parser ``gunicorn_h1c``
 under ``http_parser = auto``), fed from the connection's buffer, so its request limits, smuggling
@@ -478,25 +477,6 @@ def _wait(sock: socket.socket, event: int, timeout: float) -> bool:
     return bool(poller.poll(timeout * 1000))
 
 
-def batch_scheduling(keep: int) -> int:
-    """Put this process's threads but ``keep`` (the event loop) under ``SCHED_BATCH``, whose
-    woken threads do not preempt the running one; threads they start inherit it. Threads under
-    another policy than the normal one (set by an operator) are left as they are. Returns how
-    many threads changed."""
-    changed = 0
-    for name in os.listdir("/proc/self/task"):
-        tid = int(name)
-        if tid == keep:
-            continue
-        try:
-            if os.sched_getscheduler(tid) == os.SCHED_OTHER:
-                os.sched_setscheduler(tid, os.SCHED_BATCH, os.sched_param(0))
-                changed += 1
-        except OSError:  # the thread ended meanwhile, or the policy is not allowed here
-            continue
-    return changed
-
-
 def _raise_fd_limit(wanted: int) -> int:
     """Raise this process's soft limit of open files towards ``wanted`` (up to the hard limit)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -570,8 +550,6 @@ class EventWorker(base.Worker):
                                     daemon=True) for i in range(self.nthreads)]
         for t in threads:
             t.start()
-        if self.sched_batch:
-            batch_scheduling(keep=threading.get_native_id())
         self.balance.publish(0)
         self._accepting = False
         self._accept_after = 0.0
@@ -844,6 +822,9 @@ class EventWorker(base.Worker):
 
     # -------------------------------------------------------------------------- request threads
     def _request_thread(self, index: int) -> None:
+        if self.sched_batch:
+            with contextlib.suppress(OSError):  # not allowed here: the normal policy, then
+                os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
         while True:
             with self._claim:
                 self.free_threads += 1

@@ -378,23 +378,21 @@ def _policies(pid: int) -> dict[int, int]:
     return out
 
 
-def test_request_batch_and_tf_threads_run_under_sched_batch_and_the_loop_does_not(start_server, model_root):
-    """TFWSGI_SCHED_BATCH (on by default): every thread of a worker but its event loop (the
-    worker's main thread) is under SCHED_BATCH; off, every thread stays normal. Requests are
-    answered either way."""
+def test_request_threads_run_under_sched_batch_and_the_other_threads_do_not(start_server, model_root):
+    """TFWSGI_SCHED_BATCH (on by default): a worker's request threads, and no other thread of
+    it (the event loop, the batch thread, TensorFlow's), are under SCHED_BATCH; off, none is.
+    Requests are answered either way."""
     on = start_server(hp_env(model_root, TFWSGI_ENABLE_BATCHING="true"), workers=1,
                       extra_args=("--threads", "8"))
-    off = start_server(hp_env(model_root, TFWSGI_SCHED_BATCH="false"), workers=1)
-    for srv, batch in ((on, True), (off, False)):
+    off = start_server(hp_env(model_root, TFWSGI_SCHED_BATCH="false"), workers=1,
+                       extra_args=("--threads", "8"))
+    for srv, batch in ((on, 8), (off, 0)):
         srv.wait_ready()
         conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30)
         assert predict(conn).status == 200
         conn.close()
         (pid,) = srv.worker_pids()
         policies = _policies(pid)
-        assert policies.pop(pid) == os.SCHED_OTHER  # the event loop
-        if batch:
-            # 8 request threads, the batch thread, TensorFlow's and gRPC's threads
-            assert set(policies.values()) == {os.SCHED_BATCH} and len(policies) > 9, policies
-        else:
-            assert set(policies.values()) == {os.SCHED_OTHER}, policies
+        assert policies[pid] == os.SCHED_OTHER  # the event loop
+        assert sum(p == os.SCHED_BATCH for p in policies.values()) == batch, policies
+        assert sum(p == os.SCHED_OTHER for p in policies.values()) >= 3, policies  # loop, batch, TF

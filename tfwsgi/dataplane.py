@@ -180,7 +180,7 @@ class DataPlane:
                            f"{{{', '.join(SIGNATURE_METHODS)}}}. Was: {sig.method_name}")
         batcher = self.batcher
         if batcher is None:
-            run: Callable[[], Tensors] = lambda: sig.run(inputs)  # noqa: E731
+            run: Callable[[], Tensors] = lambda: sig.run(inputs, options.deadline)  # noqa: E731
         else:
             key = (servable.name, servable.version, sig.name)
             run = lambda: batcher.run(key, inputs, sig.run, options.deadline)  # noqa: E731

@@ -24,7 +24,7 @@ class Signature(Protocol):
     inputs: dict[str, np.dtype]
     outputs: dict[str, np.dtype]
 
-    def run(self, inputs: Mapping[str, np.ndarray]) -> Tensors: ...
+    def run(self, inputs: Mapping[str, np.ndarray], deadline: float | None = None) -> Tensors: ...
 
 
 DEFAULT_SIGNATURE = "serving_default"

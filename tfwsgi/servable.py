@@ -22,7 +22,15 @@ from google.protobuf.message import DecodeError
 
 from . import codec, dense
 from .cudalog import quiet_cuda_probe
-from .errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound, TFWSGIError, Unimplemented
+from .errors import (
+    DataLoss,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    TFWSGIError,
+    Unimplemented,
+)
 from .interfaces import DEFAULT_SIGNATURE, signature_by_name
 
 
@@ -137,7 +145,7 @@ class Signature:
     feeds: tuple[str, ...]
     fetches: tuple[str, ...]
 
-    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run(self, inputs: Mapping[str, np.ndarray], deadline: float | None = None) -> dict[str, np.ndarray]:
         """Run on decoded inputs (already of the signature's dtypes); TF errors keep their code.
 
         As TF Serving runs a signature: tensorflow_serving/servables/tensorflow/predict_util.cc
@@ -148,20 +156,36 @@ class Signature:
         that op's status (INVALID_ARGUMENT, "Matrix size-incompatible: In[0]: [1,3], In[1]:
         [4,3]" …). The callable (``Session._make_callable_from_options``, TensorFlow 2.16 to
         2.21) feeds the arrays as they are, with no Python-side check of the placeholders'
-        shapes, which ``Session.run`` would make."""
+        shapes, which ``Session.run`` would make.
+
+        With one inter-op thread, a call waits for its turn (``_one_run``); one whose
+        ``deadline`` (``time.monotonic()``) passes meanwhile is not run (DEADLINE_EXCEEDED), as
+        the batcher drops a task whose deadline passed while it waited."""
         codec.check_input_names(inputs, self.inputs)
+        gate = _one_run
+        if gate is not None and not _take_turn(gate, deadline):
+            from .batching import DEADLINE_MESSAGE
+
+            raise DeadlineExceeded(DEADLINE_MESSAGE)
         try:
-            gate = _one_run
-            if gate is None:
-                outputs = self.call(*[inputs[key] for key in self.feeds])
-            else:
-                with gate:
-                    outputs = self.call(*[inputs[key] for key in self.feeds])
+            outputs = self.call(*[inputs[key] for key in self.feeds])
         except tf.errors.OpError as exc:
             raise TFWSGIError(op_message(exc.message), exc.error_code) from None
         except (TypeError, ValueError) as exc:
             raise InvalidArgument(str(exc)) from None
+        finally:
+            if gate is not None:
+                gate.release()
         return {key: _array(value) for key, value in zip(self.fetches, outputs, strict=True)}
+
+
+def _take_turn(gate: threading.Lock, deadline: float | None) -> bool:
+    """Wait for the turn to run a graph: True once it is this caller's, False if ``deadline``
+    passed first."""
+    if deadline is None:
+        return gate.acquire()
+    left = deadline - time.monotonic()
+    return left > 0 and gate.acquire(timeout=left)
 
 
 # What Python's runtime adds around an op's status message (tensorflow/python/eager/execute.py:

@@ -79,7 +79,7 @@ class FakeSignature:
     method_name: str = PREDICT_METHOD
     runs: int = 0  # how often the model ran: a cache hit must not run it
 
-    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run(self, inputs: Mapping[str, np.ndarray], deadline: float | None = None) -> dict[str, np.ndarray]:
         codec.check_input_names(inputs, self.inputs)
         self.runs += 1
         return {k: np.asarray(v) for k, v in self.fn(**inputs).items()}

@@ -111,6 +111,49 @@ def test_with_one_inter_op_thread_the_calling_threads_take_turns(inter_op: int, 
     assert int(out.stdout.split()[-1]) == most
 
 
+_DEADLINE = """
+import threading, time
+import numpy as np
+from tfwsgi import servable
+from tfwsgi.errors import DeadlineExceeded
+servable.configure_threads(1, 1)
+ran = []
+def call(x):
+    ran.append(float(x[0]))
+    time.sleep(0.3)  # the graph's run, the GIL released
+    return [x * 2]
+sig = servable.Signature(name="s", method_name="m", inputs={"x": np.dtype("float32")}, input_shapes={},
+                         outputs={"y": np.dtype("float32")}, call=call, feeds=("x",), fetches=("y",))
+first = threading.Thread(target=sig.run, args=({"x": np.full(1, 1, np.float32)},))
+first.start()
+time.sleep(0.05)  # the first run holds the turn
+started = time.monotonic()
+try:
+    sig.run({"x": np.full(1, 2, np.float32)}, deadline=started + 0.1)
+    outcome = "ran"
+except DeadlineExceeded as exc:
+    outcome = "deadline " + str(exc)
+waited = time.monotonic() - started
+first.join()
+late = sig.run({"x": np.full(1, 3, np.float32)}, deadline=time.monotonic() + 5)  # its turn comes in time
+print(outcome, "|", round(waited, 3), "|", ran, "|", late["y"].tolist())
+"""
+
+
+def test_a_call_whose_deadline_passes_while_it_waits_for_its_turn_is_not_run() -> None:
+    """With one inter-op thread a call waits for the graph's turn; if its deadline passes first it
+    is answered DEADLINE_EXCEEDED at the deadline and never runs, as the batcher drops a task
+    whose deadline passed while queued. A call whose turn comes in time runs."""
+    out = subprocess.run([sys.executable, "-c", _DEADLINE], check=True, timeout=300,
+                         capture_output=True, text=True,
+                         env={"TF_CPP_MIN_LOG_LEVEL": "3", "PATH": "/usr/bin:/bin"})
+    outcome, waited, ran, late = out.stdout.strip().splitlines()[-1].split(" | ")
+    assert outcome.startswith("deadline Deadline exceeded"), outcome
+    assert 0.09 <= float(waited) < 0.25, waited  # answered at its deadline, not after the first run
+    assert ran == "[1.0, 3.0]", ran  # the late call never ran
+    assert late == "[6.0]"
+
+
 def test_op_errors_keep_the_ops_status_message_as_tf_serving_answers_it() -> None:
     """Python's runtime wraps an op's status in its own text; the answer is the status alone."""
     from tfwsgi.servable import op_message

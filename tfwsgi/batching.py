@@ -25,13 +25,11 @@ from typing import Any
 import numpy as np
 
 from . import textformat
-from .errors import ConfigError, DeadlineExceeded, InvalidArgument, Unavailable
+from .errors import DEADLINE_MESSAGE, ConfigError, DeadlineExceeded, InvalidArgument, Unavailable
 from .manager import Listener
 
 Tensors = dict[str, np.ndarray]
 Run = Callable[[Mapping[str, np.ndarray]], Tensors]
-
-DEADLINE_MESSAGE = "Deadline exceeded: the request was not answered within rest_api_timeout_in_ms"
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,9 @@ from typing import Any, Protocol
 import numpy as np
 
 from . import codec, dense, metrics, protocodec, v2codec
-from .batching import DEADLINE_MESSAGE, Batcher
+from .batching import Batcher
 from .cache import Outcome, Policy, PredictionCache
-from .errors import DeadlineExceeded, Internal, TFWSGIError
+from .errors import DEADLINE_MESSAGE, DeadlineExceeded, Internal, TFWSGIError
 from .interfaces import DEFAULT_SIGNATURE, Servable, Signature, Tensors
 from .manager import ModelManager, VersionState
 

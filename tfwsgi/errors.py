@@ -79,6 +79,10 @@ class DeadlineExceeded(TFWSGIError):
     code = Code.DEADLINE_EXCEEDED
 
 
+# What a request past its deadline is told, wherever in the data plane it is caught.
+DEADLINE_MESSAGE = "Deadline exceeded: the request was not answered within rest_api_timeout_in_ms"
+
+
 class NotFound(TFWSGIError):
     code = Code.NOT_FOUND
 

@@ -23,6 +23,7 @@ from google.protobuf.message import DecodeError
 from . import codec, dense
 from .cudalog import quiet_cuda_probe
 from .errors import (
+    DEADLINE_MESSAGE,
     DataLoss,
     DeadlineExceeded,
     FailedPrecondition,
@@ -164,8 +165,6 @@ class Signature:
         codec.check_input_names(inputs, self.inputs)
         gate = _one_run
         if gate is not None and not _take_turn(gate, deadline):
-            from .batching import DEADLINE_MESSAGE
-
             raise DeadlineExceeded(DEADLINE_MESSAGE)
         try:
             outputs = self.call(*[inputs[key] for key in self.feeds])

@@ -74,11 +74,27 @@ def test_one_inter_op_thread_runs_the_graph_in_the_calling_thread() -> None:
         servable._configured = saved
 
 
-_TURNS = """
+# A fresh interpreter's worker threads configured from argv[1] (the inter-op threads), and a
+# Signature whose Session callable is ``call`` (defined by the script that follows).
+_FAKE_SIGNATURE = """
 import sys, threading, time
 import numpy as np
 from tfwsgi import servable
 servable.configure_threads(1, int(sys.argv[1]))
+def signature(call):
+    return servable.Signature(name="s", method_name="m", inputs={"x": np.dtype("float32")}, input_shapes={},
+                              outputs={"y": np.dtype("float32")}, call=call, feeds=("x",), fetches=("y",))
+"""
+
+
+def _run_script(script: str, inter_op: int) -> str:
+    out = subprocess.run([sys.executable, "-c", _FAKE_SIGNATURE + script, str(inter_op)], check=True,
+                         timeout=300, capture_output=True, text=True,
+                         env={"TF_CPP_MIN_LOG_LEVEL": "3", "PATH": "/usr/bin:/bin"})
+    return out.stdout.strip().splitlines()[-1]
+
+
+_TURNS = """
 active, most = [0], [0]
 lock = threading.Lock()
 def call(x):
@@ -89,8 +105,7 @@ def call(x):
     with lock:
         active[0] -= 1
     return [x * 2]
-sig = servable.Signature(name="s", method_name="m", inputs={"x": np.dtype("float32")}, input_shapes={},
-                         outputs={"y": np.dtype("float32")}, call=call, feeds=("x",), fetches=("y",))
+sig = signature(call)
 threads = [threading.Thread(target=sig.run, args=({"x": np.ones(1, np.float32)},)) for _ in range(4)]
 for t in threads:
     t.start()
@@ -105,25 +120,17 @@ def test_with_one_inter_op_thread_the_calling_threads_take_turns(inter_op: int, 
     """One inter-op thread: graphs run in the calling threads, one run at a time in a worker,
     as runs take turns on TF Serving's one inter-op thread. With more, TensorFlow's inter-op pool
     bounds the ops, and the calls go in together."""
-    out = subprocess.run([sys.executable, "-c", _TURNS, str(inter_op)], check=True, timeout=300,
-                         capture_output=True, text=True,
-                         env={"TF_CPP_MIN_LOG_LEVEL": "3", "PATH": "/usr/bin:/bin"})
-    assert int(out.stdout.split()[-1]) == most
+    assert int(_run_script(_TURNS, inter_op)) == most
 
 
 _DEADLINE = """
-import threading, time
-import numpy as np
-from tfwsgi import servable
 from tfwsgi.errors import DeadlineExceeded
-servable.configure_threads(1, 1)
 ran = []
 def call(x):
     ran.append(float(x[0]))
     time.sleep(0.3)  # the graph's run, the GIL released
     return [x * 2]
-sig = servable.Signature(name="s", method_name="m", inputs={"x": np.dtype("float32")}, input_shapes={},
-                         outputs={"y": np.dtype("float32")}, call=call, feeds=("x",), fetches=("y",))
+sig = signature(call)
 first = threading.Thread(target=sig.run, args=({"x": np.full(1, 1, np.float32)},))
 first.start()
 time.sleep(0.05)  # the first run holds the turn
@@ -144,10 +151,7 @@ def test_a_call_whose_deadline_passes_while_it_waits_for_its_turn_is_not_run() -
     """With one inter-op thread a call waits for the graph's turn; if its deadline passes first it
     is answered DEADLINE_EXCEEDED at the deadline and never runs, as the batcher drops a task
     whose deadline passed while queued. A call whose turn comes in time runs."""
-    out = subprocess.run([sys.executable, "-c", _DEADLINE], check=True, timeout=300,
-                         capture_output=True, text=True,
-                         env={"TF_CPP_MIN_LOG_LEVEL": "3", "PATH": "/usr/bin:/bin"})
-    outcome, waited, ran, late = out.stdout.strip().splitlines()[-1].split(" | ")
+    outcome, waited, ran, late = _run_script(_DEADLINE, 1).split(" | ")
     assert outcome.startswith("deadline Deadline exceeded"), outcome
     assert 0.09 <= float(waited) < 0.25, waited  # answered at its deadline, not after the first run
     assert ran == "[1.0, 3.0]", ran  # the late call never ran

@@ -9,6 +9,8 @@ extensions) cover predictions, and errors are rendered once, by the app's handle
 from __future__ import annotations
 
 import re
+import threading
+import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
@@ -246,8 +248,12 @@ def _spec(match: re.Match[str]) -> ModelSpec:
 
 def request_options(environ: dict[str, Any]) -> Options:
     deadline = environ.get("tfwsgi.deadline")  # set by tfwsgi.worker: when it answers 504
+    # None: no deadline, also for one further than any wait can be bounded (infinite, or past
+    # threading.TIMEOUT_MAX: ~292 years), as gRPC's _options treats a far one.
+    if deadline is not None and float(deadline) - time.monotonic() >= threading.TIMEOUT_MAX:
+        deadline = None
     return Options(request_policy(environ.get("HTTP_CACHE_CONTROL")),
-                   None if deadline is None or deadline == float("inf") else float(deadline))
+                   None if deadline is None else float(deadline))
 
 
 def read_body(environ: dict[str, Any], limit: int) -> bytes:

@@ -90,6 +90,9 @@ MAX_KEEPALIVE_REQUESTS = 1000
 # hand-off for a busy connection). It waits only while no request waits and another thread is
 # free, and leaves at once when a request is queued with no thread free (the unpark signal).
 PARK_SECONDS = 1.0
+# The longest a request may take to arrive (the loop's timer on a partial request, and a read a
+# request thread makes on the socket), when its deadline does not come first.
+READ_SECONDS = 60.0
 # A request head larger than this is handed to gunicorn's parser, which refuses it (431/414).
 _MAX_HEAD = 128 * 1024
 _RECV = 64 * 1024
@@ -295,7 +298,8 @@ class Job:
 
 class Channel:
     """What gunicorn's parser and response see as the socket: the connection's buffered bytes
-    first, then the non-blocking socket, each wait bounded (reads by the request's deadline)."""
+    first, then the non-blocking socket, each wait bounded (reads by the request's deadline, or
+    ``READ_SECONDS``)."""
 
     __slots__ = ("conn", "corked", "deadline", "held", "pending", "suppress_continue")
 
@@ -318,7 +322,11 @@ class Channel:
             try:
                 return sock.recv(size)
             except BlockingIOError:
-                left = self.deadline - time.monotonic()
+                # By the deadline, and never later than READ_SECONDS after the first wait (no
+                # deadline, or a far one): the bound only ever comes closer.
+                now = time.monotonic()
+                self.deadline = min(self.deadline, now + READ_SECONDS)
+                left = self.deadline - now
                 if left <= 0 or not _wait(sock, select.POLLIN, left):
                     raise TimeoutError("request read timed out") from None
 
@@ -735,7 +743,7 @@ class EventWorker(base.Worker):
         conn.held = False
         conn.gen += 1
         if conn.buf:
-            self.reading.append((conn.first_byte + min(self.deadline_s, 60.0), conn, conn.gen))
+            self.reading.append((conn.first_byte + min(self.deadline_s, READ_SECONDS), conn, conn.gen))
         else:
             self.idle.append((now + self.cfg.keepalive, conn, conn.gen))
         try:

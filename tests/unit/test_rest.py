@@ -12,6 +12,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -292,6 +293,15 @@ def test_a_request_past_its_deadline_is_504(client):
                     environ_base={"tfwsgi.deadline": 0.0})
     assert error(r, 504) == ("Deadline exceeded: the request was not answered within "
                              "rest_api_timeout_in_ms")
+
+
+def test_a_deadline_further_than_a_wait_can_reach_is_no_deadline(tmp_path):
+    # TFWSGI_REST_API_TIMEOUT_IN_MS = 10**13 (317 years): beyond threading.TIMEOUT_MAX, which
+    # the batcher's wait (and the graph's turn) would refuse with OverflowError, a 500.
+    client = make_app(tmp_path, enable_batching=True).test_client()
+    r = client.post("/v1/models/hp/versions/1:predict", json={"instances": [1.0]},
+                    environ_base={"tfwsgi.deadline": time.monotonic() + 10**10})
+    assert ok(r) == {"predictions": [2.5]}
 
 
 # ------------------------------------------------------------------ other paths are Flask's

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import json
+import math
 import random
+import socket
 import sys
+import time
 from typing import Any
 
+import pytest
+
+from tfwsgi import worker
 from tfwsgi.worker import (
     _COUNTER,
     _SLOTS,
@@ -116,6 +122,25 @@ def test_a_corked_channel_sends_a_response_head_with_its_body() -> None:
     channel.sendall(b"HTTP/1.1 204 No Content\r\n\r\n")
     channel.uncork()
     assert sock.sends[-1] == b"HTTP/1.1 204 No Content\r\n\r\n"
+
+
+@pytest.mark.parametrize("deadline", [math.inf, 10**10])
+def test_a_channel_read_waits_at_most_the_read_bound_with_no_deadline_or_a_far_one(
+        monkeypatch: pytest.MonkeyPatch, deadline: float) -> None:
+    # TFWSGI_REST_API_TIMEOUT_IN_MS=0 (no deadline) or a huge one: a read the parser makes on the
+    # socket (a request handed over before it was all in) is bounded as the loop bounds a
+    # partial request, not unbounded (poll() refuses an infinite timeout: OverflowError, a 500).
+    monkeypatch.setattr(worker, "READ_SECONDS", 0.2)
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    with ours, theirs:
+        channel = Channel(Conn(ours, ("127.0.0.1", 1), None), deadline=time.monotonic() + deadline)
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            channel.recv(10)
+        assert 0.15 <= time.monotonic() - started < 2.0
+        theirs.send(b"more")
+        assert channel.recv(10) == b"more"
 
 
 def test_the_settled_config_reads_as_gunicorns_config():

@@ -41,7 +41,8 @@ batch thread and TensorFlow's threads stay normal: they are on every request's p
 one should run at once. Measured at 32 connections with wrk at normal priority on the same cores
 (the throughput benchmark, two runs): 4909 and 4492 req/s against 4257 without, p99 13.6 and
 29.1 ms against 23.9 (docs/architecture.md has every round); with every thread but the loop under
-SCHED_BATCH (the batch thread too), 4737 and 4965 req/s but a p99 of 40.5 and 60.3 ms.
+SCHED_BATCH (the batch thread too), 4737 and 4965 req/s but a p99 of 40.5 and 60.3 ms. Under
+that client the p99 moves between rounds with or without it (docs/architecture.md).
 
 Parsing and responses stay gunicorn's own (``gunicorn.http`` with its C parser ``gunicorn_h1c``
 under ``http_parser = auto``), fed from the connection's buffer, so its request limits, smuggling
